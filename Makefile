@@ -1,0 +1,37 @@
+# Two entry points do all set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+TORCH_VERSION ?= 2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+EXTRAS ?= speedy,mpi,test,dev
+STAMP := $(VENV)/.installed-$(TORCH_VERSION)
+
+.PHONY: install demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first, pinned, so no dependency range pulls a multi-GB CUDA build
+	$(BIN)/pip install --quiet torch==$(TORCH_VERSION)
+	$(BIN)/pip install --quiet -e ".[$(EXTRAS)]" --config-settings editable_mode=strict
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/wind-bmi run config/demo.yaml --out out/demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check wind_bmi model coupling tests examples
+	$(BIN)/mypy -p wind_bmi -p wind_bmi.model -p wind_bmi.coupling
+
+test: $(STAMP) lint
+	$(BIN)/pytest -q tests
+	$(BIN)/bmi-test wind_bmi:WindBmi --config-file=$(CURDIR)/config/bmi_test.yaml --root-dir=$(CURDIR)/tests/bmi_root -q
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/mpiexec -n 2 $(BIN)/pytest -q -p no:cacheprovider tests/mpi --with-mpi
+
+bench: $(STAMP)
+	$(BIN)/wind-bmi bench --out out/bench
+
+clean:
+	rm -rf $(VENV) out build *.egg-info

@@ -1,0 +1,134 @@
+"""Model checkpoints: ``safetensors`` weights plus a JSON card; loading never unpickles.
+
+The card holds everything needed to rebuild and use the prior: architecture and schedule,
+channels (variable, level), grid, normalisation statistics, data provenance, training record,
+validation losses, git commit, and the name/shape of every tensor (checked on load) together
+with the SHA-256 of the weights file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from wind_bmi.model.network import UViT
+from wind_bmi.model.schedule import CosineVPSchedule
+
+CARD_VERSION = 1
+SHIPPED_NAME = "wind_speedy_t31"
+
+
+class CheckpointError(ValueError):
+    """A model card or weights file is missing, corrupt or inconsistent."""
+
+
+@dataclasses.dataclass
+class Prior:
+    """A loaded prior: the network, its schedule and its card."""
+
+    net: UViT
+    schedule: CosineVPSchedule
+    card: dict[str, Any]
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return (len(self.card["grid"]["lat"]), len(self.card["grid"]["lon"]))
+
+
+def shipped_card_path() -> Path:
+    """Path of the shipped default model card (package data)."""
+    return Path(__file__).parent / "weights" / f"{SHIPPED_NAME}.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def build_network(card: dict[str, Any]) -> UViT:
+    arch = dict(card["architecture"])
+    return UViT(
+        in_channels=int(arch["in_channels"]), frames=int(arch["frames"]),
+        grid=(len(card["grid"]["lat"]), len(card["grid"]["lon"])),
+        channels=tuple(arch["channels"]), blocks_per_stage=int(arch["blocks_per_stage"]),
+        dim=int(arch["dim"]), depth=int(arch["depth"]), heads=int(arch["heads"]),
+        patch=int(arch["patch"]), in_patch=int(arch.get("in_patch", 1)),
+    )
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_prior(net: torch.nn.Module, card: dict[str, Any], card_path: str | Path) -> Path:
+    """Write ``<name>.safetensors`` and the card ``<name>.json`` atomically; returns the card path."""
+    card_path = Path(card_path)
+    card_path.parent.mkdir(parents=True, exist_ok=True)
+    weights_path = card_path.with_suffix(".safetensors")
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in net.state_dict().items()}
+    tmp = weights_path.with_name(weights_path.name + ".tmp")
+    save_file(state, str(tmp))
+    os.replace(tmp, weights_path)
+    card = dict(card)
+    card["card_version"] = CARD_VERSION
+    card["weights"] = {"file": weights_path.name, "sha256": _sha256(weights_path),
+                       "tensors": {k: list(v.shape) for k, v in state.items()}}
+    _atomic_write_text(card_path, json.dumps(card, indent=1))
+    return card_path
+
+
+def load_prior(card_path: str | Path | None = None, device: str | torch.device = "cpu") -> Prior:
+    """Load a prior from its card (default: the shipped model), checking card against weights.
+
+    Raises:
+        CheckpointError: missing/corrupt card or weights, checksum or tensor-shape mismatch.
+    """
+    card_path = Path(card_path) if card_path else shipped_card_path()
+    if not card_path.is_file():
+        raise CheckpointError(f"model card {str(card_path)!r} does not exist")
+    try:
+        card = json.loads(card_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"model card {card_path}: not valid JSON ({exc})") from exc
+    for key in ("architecture", "schedule", "grid", "channels", "normalisation", "weights"):
+        if key not in card:
+            raise CheckpointError(f"model card {card_path}: missing key {key!r}")
+    weights_path = card_path.parent / card["weights"]["file"]
+    if not weights_path.is_file():
+        raise CheckpointError(f"weights file {str(weights_path)!r} named by {card_path} does not exist")
+    digest = _sha256(weights_path)
+    if digest != card["weights"]["sha256"]:
+        raise CheckpointError(f"weights file {weights_path}: SHA-256 {digest[:12]} does not match the card's "
+                              f"{card['weights']['sha256'][:12]} (corrupt or replaced)")
+    try:
+        state = load_file(str(weights_path))
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(f"weights file {weights_path}: not a safetensors file ({exc})") from exc
+    expected = card["weights"]["tensors"]
+    if set(state) != set(expected):
+        raise CheckpointError(f"{weights_path}: tensors {sorted(set(state) ^ set(expected))[:5]} differ from the card")
+    for k, shape in expected.items():
+        if list(state[k].shape) != list(shape):
+            raise CheckpointError(f"{weights_path}: tensor {k!r} has shape {list(state[k].shape)}, card says {shape}")
+    net = build_network(card)
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{weights_path}: does not fit the card's architecture "
+                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    net.eval().to(device)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    sched = CosineVPSchedule(float(card["schedule"]["a_min"]), float(card["schedule"]["s_min"]))
+    return Prior(net=net, schedule=sched, card=card)

@@ -1,0 +1,291 @@
+"""Diffusion-forcing training of the noise-blind prior (single process or ``torchrun`` DDP).
+
+Each sample gets an independent ``t ~ U(0, 1)`` per frame; a fraction of samples gets a clean
+prefix of 1-4 frames (t = 0) so the network learns to carry clean context. Loss per frame
+``min(1 + SNR, w_max) * mean_{c,h,w}(latw_h (x_hat - x)^2)``, summed over frames, mean over batch.
+AdamW, linear warm-up then cosine decay, gradient clipping, EMA weights, bf16 autocast with
+fp32 master weights.
+
+Determinism and resume: the data order is a fixed function of ``(seed, epoch)`` and the noise of
+``(seed, step, rank)``, so a run resumed from a checkpoint continues bit-for-bit. Training state
+(model, EMA, optimiser tensors) is stored as safetensors plus JSON, written atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from wind_bmi.model.schedule import CosineVPSchedule
+
+BatchFn = Callable[[Sequence[int]], Tensor]  # window indices -> (B, T, C, H, W) float32
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    """Optimiser and diffusion-forcing settings (mirrors ``wind_bmi.config.TrainConfig``)."""
+
+    batch_size: int = 8
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 200
+    steps: int = 6000
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    w_max: float = 5.0
+    clean_prefix_prob: float = 0.5
+    checkpoint_minutes: float = 5.0
+    bf16: bool = True
+    val_windows: int = 64
+    seed: int = 0
+
+
+NOISE_BANDS = ((0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0))
+
+
+def lr_at(step: int, s: TrainSettings) -> float:
+    """Linear warm-up to ``lr``, then cosine decay to ``0.1 lr`` at ``steps``."""
+    if step < s.warmup_steps:
+        return s.lr * (step + 1) / s.warmup_steps
+    frac = min(1.0, (step - s.warmup_steps) / max(1, s.steps - s.warmup_steps))
+    return s.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * frac)))
+
+
+def batch_indices(step: int, n: int, batch: int, seed: int) -> list[int]:
+    """Global batch of window indices at ``step``: consecutive slices of per-epoch permutations."""
+    out: list[int] = []
+    pos = step * batch
+    while len(out) < batch:
+        epoch, offset = divmod(pos, n)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        perm = torch.randperm(n, generator=g)
+        take = min(batch - len(out), n - offset)
+        out.extend(perm[offset:offset + take].tolist())
+        pos += take
+    return out
+
+
+def sample_levels(B: int, T: int, clean_prefix_prob: float, g: torch.Generator) -> Tensor:
+    """Per-frame levels ``(B, T)``: uniform, with a clean prefix of 1..T-1 frames in part of the batch."""
+    t = torch.rand(B, T, generator=g, dtype=torch.float64).clamp_min(1e-4)
+    has_prefix = torch.rand(B, generator=g) < clean_prefix_prob
+    k = torch.randint(1, T, (B,), generator=g)
+    frame = torch.arange(T)[None, :]
+    t = torch.where(has_prefix[:, None] & (frame < k[:, None]), torch.zeros_like(t), t)
+    return t.float()
+
+
+def diffusion_loss(net: nn.Module, x: Tensor, t: Tensor, schedule: CosineVPSchedule, latw: Tensor, w_max: float,
+                   g: torch.Generator, bf16: bool) -> Tensor:
+    """Weighted x-prediction loss of one batch ``x: (B, T, C, H, W)`` at levels ``t: (B, T)``."""
+    z = schedule.noise(x, t, generator=g)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        x_hat = net(z)
+    err = (x_hat.float() - x) ** 2 * latw[None, None, None, :, None]
+    per_frame = err.mean(dim=(2, 3, 4))  # (B, T)
+    w = schedule.loss_weight(t, w_max)
+    return (w * per_frame).sum(dim=1).mean()
+
+
+@torch.no_grad()
+def validation_losses(net: nn.Module, val_batch: BatchFn, n_val: int, schedule: CosineVPSchedule, latw: Tensor,
+                      windows: int, bf16: bool, seed: int = 12345, batch: int = 8) -> dict[str, float]:
+    """Latitude-weighted MSE of ``x_hat`` per noise band (all frames at one level per sample)."""
+    idx = torch.linspace(0, n_val - 1, min(windows, n_val)).round().long().tolist()
+    out = {}
+    for lo, hi in NOISE_BANDS:
+        g = torch.Generator().manual_seed(seed)
+        total, count = 0.0, 0
+        for i in range(0, len(idx), batch):
+            x = val_batch(idx[i:i + batch])
+            B, T = x.shape[:2]
+            t = (lo + (hi - lo) * torch.rand(B, 1, generator=g)).clamp_min(1e-4).expand(B, T).contiguous()
+            z = schedule.noise(x, t, generator=g)
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+                x_hat = net(z)
+            err = ((x_hat.float() - x) ** 2 * latw[None, None, None, :, None]).mean(dim=(1, 2, 3, 4))
+            total += float(err.sum())
+            count += B
+        out[f"t_{lo:.2f}_{hi:.2f}"] = total / max(count, 1)
+    return out
+
+
+def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    sd = opt.state_dict()
+    tensors: dict[str, Tensor] = {}
+    scalars: dict[str, Any] = {"param_groups": sd["param_groups"], "state": {}}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, Tensor):
+                tensors[f"opt.{pid}.{k}"] = v.contiguous()
+            else:
+                scalars["state"].setdefault(str(pid), {})[k] = v
+    return tensors, scalars
+
+
+def _unflatten_optimizer(tensors: dict[str, Tensor], scalars: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in tensors.items():
+        if key.startswith("opt."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = v
+    for pid, st in scalars["state"].items():
+        state.setdefault(int(pid), {}).update(st)
+    return {"state": state, "param_groups": scalars["param_groups"]}
+
+
+class Trainer:
+    """Owns the network, EMA, optimiser and the resumable training state.
+
+    Args:
+        net: the UViT (fp32 master weights).
+        schedule: noise schedule.
+        settings: optimiser/diffusion settings.
+        train_batch, n_train: training windows by index.
+        val_batch, n_val: validation windows by index.
+        latw: latitude weights ``(H,)`` (mean 1).
+        out: folder for ``train_state.*``, ``history.json``.
+        device: torch device.
+    """
+
+    def __init__(self, net: nn.Module, schedule: CosineVPSchedule, settings: TrainSettings, train_batch: BatchFn,
+                 n_train: int, val_batch: BatchFn, n_val: int, latw: Tensor, out: str | Path,
+                 device: str | torch.device = "cpu") -> None:
+        self.device = torch.device(device)
+        self.world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        self.rank = dist.get_rank() if self.world > 1 else 0
+        if settings.batch_size % self.world:
+            raise ValueError(f"batch_size {settings.batch_size} must be divisible by the world size {self.world}")
+        self.net = net.to(self.device)
+        self.ema = _copy_module(net).to(self.device)
+        self.model: nn.Module = self.net
+        if self.world > 1:
+            self.model = nn.parallel.DistributedDataParallel(self.net)
+        self.opt = torch.optim.AdamW(self.net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+        self.schedule, self.s = schedule, settings
+        self.train_batch, self.n_train = train_batch, n_train
+        self.val_batch, self.n_val = val_batch, n_val
+        self.latw = latw.to(self.device, torch.float32)
+        self.out = Path(out)
+        self.step = 0
+        self.wall = 0.0
+        self.history: list[dict[str, Any]] = []
+
+    # -- state ----------------------------------------------------------------
+    def save_state(self) -> None:
+        """Write ``train_state.safetensors`` + ``train_state.json`` (rank 0, atomically)."""
+        if self.rank != 0:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        tensors = {f"net.{k}": v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
+        tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in self.ema.state_dict().items()})
+        opt_t, opt_s = _flatten_optimizer(self.opt)
+        tensors.update({k: v.cpu() for k, v in opt_t.items()})
+        tmp = self.out / "train_state.safetensors.tmp"
+        save_file(tensors, str(tmp))
+        meta = {"step": self.step, "wall_seconds": self.wall, "optimizer": opt_s, "settings": dataclasses.asdict(self.s),
+                "history": self.history}
+        tmpj = self.out / "train_state.json.tmp"
+        tmpj.write_text(json.dumps(meta))
+        os.replace(tmp, self.out / "train_state.safetensors")
+        os.replace(tmpj, self.out / "train_state.json")
+
+    def load_state(self) -> None:
+        """Restore from ``train_state.*`` in ``out``."""
+        meta = json.loads((self.out / "train_state.json").read_text())
+        tensors = load_file(str(self.out / "train_state.safetensors"))
+        self.net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
+        self.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+        self.opt.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
+        self.step = int(meta["step"])
+        self.wall = float(meta["wall_seconds"])
+        self.history = list(meta["history"])
+
+    # -- loop -----------------------------------------------------------------
+    def train_step(self) -> float:
+        s = self.s
+        for group in self.opt.param_groups:
+            group["lr"] = lr_at(self.step, s)
+        idx = batch_indices(self.step, self.n_train, s.batch_size, s.seed)
+        local = idx[self.rank::self.world]
+        g = torch.Generator().manual_seed(s.seed * 7_919 + self.step * 104_729 + self.rank)
+        x = self.train_batch(local).to(self.device)
+        t = sample_levels(x.shape[0], x.shape[1], s.clean_prefix_prob, g).to(self.device)
+        self.model.train()
+        loss = diffusion_loss(self.model, x, t, self.schedule, self.latw, s.w_max, g, s.bf16)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.net.parameters(), s.grad_clip)
+        self.opt.step()
+        with torch.no_grad():
+            d = min(s.ema_decay, (1 + self.step) / (10 + self.step))
+            for pe, p in zip(self.ema.parameters(), self.net.parameters(), strict=True):
+                pe.lerp_(p, 1.0 - d)
+            for be, b in zip(self.ema.buffers(), self.net.buffers(), strict=True):
+                be.copy_(b)
+        self.step += 1
+        return float(loss.detach())
+
+    def fit(self, max_steps: int | None = None, max_minutes: float | None = None, progress: bool = True,
+            log_every: int = 50) -> dict[str, float]:
+        """Train until ``settings.steps`` (or ``max_steps``/``max_minutes`` for this call); returns last val losses."""
+        from tqdm import tqdm
+
+        s = self.s
+        stop = s.steps if max_steps is None else min(s.steps, max_steps)
+        t_start = time.perf_counter()
+        last_ckpt = t_start
+        bar = tqdm(total=stop, initial=self.step, disable=not progress or self.rank != 0, desc="train", unit="step")
+        running, n_run, t_log = 0.0, 0, time.perf_counter()
+        while self.step < stop:
+            t0 = time.perf_counter()
+            loss = self.train_step()
+            self.wall += time.perf_counter() - t0
+            running += loss
+            n_run += 1
+            bar.update(1)
+            if self.step % log_every == 0 or self.step == stop:
+                dt = time.perf_counter() - t_log
+                rec = {"step": self.step, "loss": running / n_run, "lr": lr_at(self.step - 1, s),
+                       "samples_per_s": n_run * s.batch_size / max(dt, 1e-9), "wall_seconds": self.wall}
+                self.history.append(rec)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", sps=f"{rec['samples_per_s']:.1f}")
+                running, n_run, t_log = 0.0, 0, time.perf_counter()
+            now = time.perf_counter()
+            if now - last_ckpt > 60.0 * s.checkpoint_minutes:
+                self.save_state()
+                last_ckpt = now
+            if max_minutes is not None and now - t_start > 60.0 * max_minutes:
+                break
+        bar.close()
+        val = validation_losses(self.ema, self.val_batch, self.n_val, self.schedule, self.latw, s.val_windows, s.bf16)
+        self.history.append({"step": self.step, "val": val, "wall_seconds": self.wall})
+        self.save_state()
+        return val
+
+
+def _copy_module(net: nn.Module) -> nn.Module:
+    import copy
+
+    ema = copy.deepcopy(net)
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    return ema
+
+
+def hardware_description() -> dict[str, Any]:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}

@@ -1,0 +1,133 @@
+"""``wind-bmi``: command-line interface (data, train, run, evaluate, bench, assimilate)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from wind_bmi.config import ConfigError, GenerateConfig, TrainConfig, load_config
+
+
+def _parse_days(args: argparse.Namespace) -> int | None:
+    if args.days is not None and args.years is not None:
+        raise SystemExit("give --days or --years, not both")
+    if args.years is not None:
+        return int(round(args.years * 365))
+    return int(args.days) if args.days is not None else None
+
+
+def cmd_data_generate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from wind_bmi.data.speedy import generate
+
+    cfg = load_config(args.config, GenerateConfig) if args.config else GenerateConfig()
+    overrides = {"start": args.start, "days": _parse_days(args), "spinup_days": args.spinup_days, "seed": args.seed,
+                 "sst_offset": args.sst_offset, "sst_anomaly": True if args.sst_anomaly else None}
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    bar = tqdm(total=cfg.days, unit="day", desc="SPEEDY")
+    t0 = time.perf_counter()
+
+    def progress(done: int, total: int) -> None:
+        bar.n = done
+        bar.refresh()
+
+    files = generate(cfg, args.out, progress=progress)
+    bar.close()
+    dt = time.perf_counter() - t0
+    print(f"wrote {len(files)} files to {args.out} in {dt:.1f} s")
+    return 0
+
+
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    from wind_bmi.data.layouts import LayoutError, inspect_path
+
+    status = 0
+    for path in args.paths:
+        try:
+            report = inspect_path(path)
+        except LayoutError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            status = 2
+            continue
+        if args.json:
+            print(json.dumps(report, indent=1))
+            continue
+        print(f"{report['path']}: layout {report['layout']}")
+        g, t = report["grid"], report["time"]
+        print(f"  grid: {g['nlat']} x {g['nlon']} (lat {g['lat_range']}, lon {g['lon_range']})")
+        print(f"  levels: {report['levels']}")
+        print(f"  time: {t['first']} .. {t['last']} ({t['count']} steps of {t['steps_hours']} h)")
+        for name, v in report["variables"].items():
+            print(f"  {name:28s} {v['units']:12s} {v['dims']}")
+    return status
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from wind_bmi.training import run_training
+
+    cfg = load_config(args.config, TrainConfig)
+    card = run_training(cfg, data=args.data, out=args.out, resume=args.resume, max_minutes=args.max_minutes,
+                        max_steps=args.max_steps, device=args.device)
+    print(f"model card: {card}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="wind-bmi", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="generate or inspect datasets")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    gen = dsub.add_parser("generate", help="run the SPEEDY GCM (jcm, T31) and write 6-hourly CF netCDF, a file a month",
+                          description="Run jcm SPEEDY at T31 offline, discard the spin-up, write monthly CF files. "
+                                      "Re-running with the same options skips finished months.")
+    gen.add_argument("--out", required=True, help="output folder")
+    gen.add_argument("--start", help="first saved date YYYY-MM-DD (default 1981-01-01)")
+    gen.add_argument("--days", type=int, help="days to save")
+    gen.add_argument("--years", type=float, help="years to save (365 days each)")
+    gen.add_argument("--spinup-days", type=int, dest="spinup_days", help="days simulated and discarded first")
+    gen.add_argument("--seed", type=int, help="initial-state seed (independent members)")
+    gen.add_argument("--sst-offset", type=float, dest="sst_offset", help="uniform SST offset in K (e.g. 2)")
+    gen.add_argument("--sst-anomaly", action="store_true", dest="sst_anomaly",
+                     help="add the packaged interannual SST anomalies (1979-2013)")
+    gen.add_argument("--config", help="YAML preset (kind: generate); flags override it")
+    gen.set_defaults(func=cmd_data_generate)
+    ins = dsub.add_parser("inspect", help="report variables, levels, grid and time span of files or folders")
+    ins.add_argument("paths", nargs="+")
+    ins.add_argument("--json", action="store_true", help="print JSON")
+    ins.set_defaults(func=cmd_data_inspect)
+
+    tr = sub.add_parser("train", help="train the prior with diffusion forcing (torchrun for DDP)")
+    tr.add_argument("--config", required=True, help="YAML preset (kind: train)")
+    tr.add_argument("--data", help="data folder (overrides the config)")
+    tr.add_argument("--out", help="run folder (overrides the config)")
+    tr.add_argument("--resume", action="store_true", help="continue from <out>/train_state.*")
+    tr.add_argument("--max-minutes", type=float, dest="max_minutes", help="stop this call after N minutes")
+    tr.add_argument("--max-steps", type=int, dest="max_steps", help="stop this call at step N")
+    tr.add_argument("--device", default="cpu", help="cpu or cuda")
+    tr.set_defaults(func=cmd_train)
+
+    from wind_bmi import cli_more
+
+    cli_more.add_commands(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""``wind-bmi train``: data splits -> Trainer -> exported prior (safetensors + card).
+
+Run single-process, or with ``torchrun --nproc_per_node N`` for DistributedDataParallel
+(gloo on CPU, nccl on GPUs); the process group is set up here from torchrun's environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from wind_bmi.config import TrainConfig, to_dict
+from wind_bmi.data.windows import Splits, WindowDataset, build_splits
+from wind_bmi.model.checkpoint import save_prior
+from wind_bmi.model.network import UViT, count_parameters
+from wind_bmi.model.physics import latitude_weights
+from wind_bmi.model.schedule import CosineVPSchedule
+from wind_bmi.model.train import Trainer, TrainSettings, hardware_description
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def settings_from(cfg: TrainConfig) -> TrainSettings:
+    names = {f.name for f in dataclasses.fields(TrainSettings)}
+    return TrainSettings(**{k: getattr(cfg, k) for k in names})
+
+
+def batch_fn(ds: WindowDataset) -> Any:
+    def get(idx: Any) -> torch.Tensor:
+        return torch.from_numpy(ds.batch(idx))
+    return get
+
+
+def network_for(cfg: TrainConfig, n_channels: int, grid: tuple[int, int]) -> UViT:
+    m = cfg.model
+    return UViT(n_channels, m.frames, grid, channels=m.channels, blocks_per_stage=m.blocks_per_stage, dim=m.dim,
+                depth=m.depth, heads=m.heads, patch=m.patch, in_patch=m.in_patch)
+
+
+def make_card(cfg: TrainConfig, splits: Splits, net: UViT, trainer: Trainer, val: dict[str, float]) -> dict[str, Any]:
+    arch = dict(to_dict(cfg.model))
+    arch["in_channels"] = len(splits.channels)
+    return {
+        "name": Path(cfg.out).name,
+        "architecture": arch,
+        "parameters": count_parameters(net),
+        "schedule": {"kind": "cosine_vp", **to_dict(cfg.schedule)},
+        "channels": [{"variable": c.variable, "level": c.level} for c in splits.channels],
+        "variables": list(cfg.variables),
+        "levels": [float(v) for v in splits.levels],
+        "level_kind": "sigma",
+        "grid": {"kind": "gaussian", "lat": [float(v) for v in splits.lat], "lon": [float(v) for v in splits.lon]},
+        "time_step_hours": 6,
+        "normalisation": splits.norm.to_dict(),
+        "provenance": splits.provenance,
+        "training": {"steps": trainer.step, "wall_seconds": round(trainer.wall, 1),
+                     "settings": to_dict(settings_from(cfg)), "hardware": hardware_description(),
+                     "windows_train": len(splits.train), "windows_val": len(splits.val),
+                     "history_tail": trainer.history[-5:]},
+        "validation": val,
+        "git_commit": git_commit(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _init_distributed() -> bool:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+        return True
+    return False
+
+
+def run_training(cfg: TrainConfig, data: str | None = None, out: str | None = None, resume: bool = False,
+                 max_minutes: float | None = None, max_steps: int | None = None, device: str = "cpu",
+                 progress: bool = True) -> Path:
+    """Train (or resume) and export ``<out>/model.json`` + ``model.safetensors`` from the EMA weights."""
+    if data:
+        cfg = dataclasses.replace(cfg, data=data)
+    if out:
+        cfg = dataclasses.replace(cfg, out=out)
+    started_dist = _init_distributed()
+    try:
+        paths = [p for p in sorted(Path(cfg.data).iterdir()) if p.is_dir()] or [Path(cfg.data)]
+        splits = build_splits(paths, cfg.variables, cfg.train_years, cfg.val_years, (), T=cfg.model.frames)
+        grid = (len(splits.lat), len(splits.lon))
+        torch.manual_seed(cfg.seed)
+        net = network_for(cfg, len(splits.channels), grid)
+        sched = CosineVPSchedule(cfg.schedule.a_min, cfg.schedule.s_min)
+        latw = latitude_weights(torch.tensor(np.array(splits.lat, dtype=np.float64)))
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if device == "cuda" else torch.device(device)
+        trainer = Trainer(net, sched, settings_from(cfg), batch_fn(splits.train), len(splits.train),
+                          batch_fn(splits.val), len(splits.val), latw, cfg.out, dev)
+        if resume and (Path(cfg.out) / "train_state.json").exists():
+            trainer.load_state()
+        val = trainer.fit(max_steps=max_steps, max_minutes=max_minutes, progress=progress)
+        card_path = Path(cfg.out) / "model.json"
+        if trainer.rank == 0:
+            save_prior(trainer.ema, make_card(cfg, splits, net, trainer, val), card_path)
+        return card_path
+    finally:
+        if started_dist:
+            dist.destroy_process_group()
