@@ -122,11 +122,11 @@ def load_prior(card_path: str | Path | None = None, device: str | torch.device =
     for k, shape in expected.items():
         if list(state[k].shape) != list(shape):
             raise CheckpointError(f"{weights_path}: tensor {k!r} has shape {list(state[k].shape)}, card says {shape}")
-    net = build_network(card)
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{weights_path}: does not fit the card's architecture "
-                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    try:
+        net = build_network(card)
+        net.load_state_dict(state, strict=True)
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{weights_path}: does not fit the card's architecture: {str(exc)[:300]}") from exc
     net.eval().to(device)
     for p in net.parameters():
         p.requires_grad_(False)

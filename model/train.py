@@ -239,12 +239,13 @@ class Trainer:
         return float(loss.detach())
 
     def fit(self, max_steps: int | None = None, max_minutes: float | None = None, progress: bool = True,
-            log_every: int = 50) -> dict[str, float]:
+            log_every: int | None = None) -> dict[str, float]:
         """Train until ``settings.steps`` (or ``max_steps``/``max_minutes`` for this call); returns last val losses."""
         from tqdm import tqdm
 
         s = self.s
         stop = s.steps if max_steps is None else min(s.steps, max_steps)
+        log_every = log_every or max(1, min(50, s.steps // 10))
         t_start = time.perf_counter()
         last_ckpt = t_start
         bar = tqdm(total=stop, initial=self.step, disable=not progress or self.rank != 0, desc="train", unit="step")

@@ -63,6 +63,7 @@ def make_card(cfg: TrainConfig, splits: Splits, net: UViT, trainer: Trainer, val
         "variables": list(cfg.variables),
         "levels": [float(v) for v in splits.levels],
         "level_kind": "sigma",
+        "level_bounds": splits.level_bounds.tolist() if splits.level_bounds is not None else None,
         "grid": {"kind": "gaussian", "lat": [float(v) for v in splits.lat], "lon": [float(v) for v in splits.lon]},
         "time_step_hours": 6,
         "normalisation": splits.norm.to_dict(),

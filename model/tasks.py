@@ -1,0 +1,294 @@
+"""Zero-shot tasks over one frozen prior: every task is ``y = A(x) + eta`` solved by guided sampling.
+
+:class:`WindModel` is the facade: physical units in and out (normalisation inside), windows
+``(B, T, C, H, W)`` with ensemble members as the batch, explicit ``torch.Generator``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from wind_bmi.model.checkpoint import Prior
+from wind_bmi.model.denoiser import PriorDenoiser
+from wind_bmi.model.guidance import guided
+from wind_bmi.model.operators import (
+    AreaMeanOperator,
+    AveragePoolOperator,
+    CompositeOperator,
+    DryAirMassOperator,
+    MaskOperator,
+    Observation,
+    TemporalMeanOperator,
+)
+from wind_bmi.model.sampler import sample_window
+
+# A constraint builds the observation of one window from (context window in normalised units, mask).
+Constraint = Callable[[Tensor, Tensor], Observation]
+
+
+class WindModel:
+    """The prior plus everything needed to use it in physical units.
+
+    Args:
+        prior: loaded prior (network, schedule, card).
+        device: torch device for all tensors.
+        bf16: autocast the network to bfloat16.
+        steps, eta: sampler defaults (reverse steps, DDIM 0 .. DDPM 1).
+        method, cg_iterations: guidance defaults (``mmps`` | ``dps``).
+    """
+
+    def __init__(self, prior: Prior, device: str | torch.device = "cpu", bf16: bool = False, steps: int = 32,
+                 eta: float = 1.0, method: str = "mmps", cg_iterations: int = 1) -> None:
+        self.prior = prior
+        self.device = torch.device(device)
+        prior.net.to(self.device)
+        card = prior.card
+        self.card = card
+        self.denoiser = PriorDenoiser(prior.net, prior.schedule, bf16=bf16)
+        self.schedule = prior.schedule
+        self.T = int(card["architecture"]["frames"])
+        self.channels: list[tuple[str, float | None]] = [(c["variable"], c["level"]) for c in card["channels"]]
+        self.C = len(self.channels)
+        self.mean = torch.tensor(card["normalisation"]["mean"], dtype=torch.float64)
+        self.std = torch.tensor(card["normalisation"]["std"], dtype=torch.float64)
+        self.lat = torch.tensor(card["grid"]["lat"], dtype=torch.float64)
+        self.lon = torch.tensor(card["grid"]["lon"], dtype=torch.float64)
+        self.H, self.W = self.lat.numel(), self.lon.numel()
+        self.levels = [float(v) for v in card.get("levels", [])]
+        self.steps, self.eta, self.method, self.cg_iterations = steps, eta, method, cg_iterations
+
+    # -- channels and units -------------------------------------------------------
+    def channel_index(self, variable: str, level: float | None = None) -> int:
+        for i, (v, lv) in enumerate(self.channels):
+            if v == variable and (level is None or (lv is not None and abs(lv - level) < 1e-6)):
+                return i
+        raise KeyError(f"no channel {variable!r} at level {level} (channels: {sorted({v for v, _ in self.channels})})")
+
+    def channels_of(self, variable: str) -> list[int]:
+        idx = [i for i, (v, _) in enumerate(self.channels) if v == variable]
+        if not idx:
+            raise KeyError(f"variable {variable!r} is not a channel of this model")
+        return idx
+
+    def _check(self, x: Tensor, name: str, spatial: tuple[int, int] | None = None) -> None:
+        H, W = spatial or (self.H, self.W)
+        if x.shape[-3:] != (self.C, H, W):
+            raise ValueError(f"{name}: expected trailing shape (C={self.C}, H={H}, W={W}), got {tuple(x.shape)}")
+        if not torch.isfinite(x).all():
+            raise ValueError(f"{name}: contains NaN or inf")
+
+    def normalise(self, x: Tensor) -> Tensor:
+        """Physical ``(..., C, H, W)`` -> normalised float32."""
+        m = self.mean.to(self.device)[:, None, None]
+        s = self.std.to(self.device)[:, None, None]
+        return ((x.to(self.device, torch.float64) - m) / s).float()
+
+    def denormalise(self, x: Tensor) -> Tensor:
+        m = self.mean.to(x.device)[:, None, None]
+        s = self.std.to(x.device)[:, None, None]
+        return (x.double() * s + m).float()
+
+    def error_variance(self, sigma_phys: Tensor | float, channels: Tensor) -> Tensor:
+        """Normalised observation-error variances for physical std ``sigma_phys`` at ``channels``."""
+        s = torch.as_tensor(sigma_phys, dtype=torch.float64)
+        return ((s / self.std[channels]) ** 2).float().to(self.device)
+
+    # -- the one sampling primitive ------------------------------------------------
+    def sample(self, context: Tensor, context_mask: Tensor, observations: Sequence[Observation] = (),
+               generator: torch.Generator | None = None, steps: int | None = None, eta: float | None = None,
+               method: str | None = None, cg_iterations: int | None = None) -> Tensor:
+        """Sample windows in *normalised* units given clean context frames and observations.
+
+        Args:
+            context: ``(B, T, C, H, W)`` normalised; non-context frames ignored.
+            context_mask: bool ``(T,)``.
+            observations: observations on normalised windows, stacked if several.
+        """
+        fn = None
+        if observations:
+            obs = observations[0] if len(observations) == 1 else \
+                CompositeOperator(observations).observation(context.shape[0], context)
+            fn = guided(method or self.method, self.denoiser, obs, cg_iterations or self.cg_iterations)
+        return sample_window(self.denoiser, self.schedule, context.to(self.device), context_mask,
+                             steps=steps or self.steps, eta=self.eta if eta is None else eta,
+                             generator=generator, guided=fn)
+
+    # -- tasks -----------------------------------------------------------------
+    def forecast(self, initial: Tensor, lead_hours: float, members: int, generator: torch.Generator | None = None,
+                 context_frames: int = 1, constraints: Sequence[Constraint] = (), **kw: object) -> Tensor:
+        """Ensemble forecast from clean initial frames.
+
+        Args:
+            initial: physical ``(k, C, H, W)`` (k >= context_frames, newest last) or ``(C, H, W)``.
+            lead_hours: forecast length; rounded up to whole 6-hourly frames.
+
+        Returns:
+            ``(members, n_frames, C, H, W)`` physical, frames at +6 h, +12 h, ... (initial excluded).
+        """
+        if initial.ndim == 3:
+            initial = initial[None]
+        self._check(initial, "initial")
+        n = math.ceil(lead_hours / 6.0)
+        x0 = self.normalise(initial[-context_frames:])[None].expand(members, -1, -1, -1, -1)
+        frames = self.rollout_normalised(x0, n, generator, context_frames, constraints, **kw)
+        return self.denormalise(frames)
+
+    def rollout_normalised(self, context: Tensor, n_frames: int, generator: torch.Generator | None, context_frames: int,
+                           constraints: Sequence[Constraint] = (), **kw: object) -> Tensor:
+        """Window after window: the newest ``context_frames`` frames stay clean; returns ``n_frames`` new frames."""
+        if not 1 <= context_frames < self.T:
+            raise ValueError(f"context_frames must be in 1..{self.T - 1}, got {context_frames}")
+        B = context.shape[0]
+        hist = context[:, -context_frames:]
+        out: list[Tensor] = []
+        mask = torch.zeros(self.T, dtype=torch.bool)
+        mask[:context_frames] = True
+        produced = 0
+        while produced < n_frames:
+            win = torch.zeros(B, self.T, self.C, self.H, self.W, device=self.device)
+            win[:, :context_frames] = hist
+            obs = [c(win, mask) for c in constraints]
+            new = self.sample(win, mask, obs, generator, **kw)[:, context_frames:]  # type: ignore[arg-type]
+            out.append(new)
+            produced += new.shape[1]
+            hist = torch.cat([hist, new], dim=1)[:, -context_frames:]
+        return torch.cat(out, dim=1)[:, :n_frames]
+
+    def rollout(self, initial: Tensor, days: float, members: int = 1, generator: torch.Generator | None = None,
+                constraints: Sequence[Constraint] = (), context_frames: int = 1, **kw: object) -> Tensor:
+        """Long run (``days``) window after window with ``constraints`` applied in every window."""
+        return self.forecast(initial, days * 24.0, members, generator, context_frames, constraints, **kw)
+
+    def downscale(self, coarse: Tensor, k: int, members: int = 1, sigma_y: float | Tensor = 0.0,
+                  generator: torch.Generator | None = None, **kw: object) -> Tensor:
+        """Spatial downscaling: fine windows whose ``k x k`` area-weighted means match ``coarse``.
+
+        Args:
+            coarse: physical ``(T, C, H/k, W/k)``.
+            sigma_y: observation error (physical units) per channel or scalar; 0 -> 1e-2 std.
+        Returns:
+            ``(members, T, C, H, W)`` physical.
+        """
+        if coarse.ndim != 4 or coarse.shape[0] != self.T:
+            raise ValueError(f"coarse: expected (T={self.T}, C, H/k, W/k), got {tuple(coarse.shape)}")
+        self._check(coarse, "coarse", (self.H // k, self.W // k))
+        op = AveragePoolOperator(k, self.lat)
+        y = self.normalise(coarse).reshape(1, -1).expand(members, -1)
+        var = self._channel_var(sigma_y, (self.T, self.C, (self.H // k) * (self.W // k)))
+        ctx = torch.zeros(members, self.T, self.C, self.H, self.W, device=self.device)
+        x = self.sample(ctx, torch.zeros(self.T, dtype=torch.bool), [Observation(op, y, var)], generator, **kw)
+        return self.denormalise(x)
+
+    def temporal_downscale(self, means: Tensor, members: int = 1, sigma_y: float | Tensor = 0.0,
+                           generator: torch.Generator | None = None, **kw: object) -> Tensor:
+        """Windows whose frame mean equals ``means`` (physical ``(C, H, W)``, e.g. a daily mean)."""
+        self._check(means, "means")
+        op = TemporalMeanOperator(range(self.T))
+        y = self.normalise(means).reshape(1, -1).expand(members, -1)
+        var = self._channel_var(sigma_y, (self.C, self.H * self.W))
+        ctx = torch.zeros(members, self.T, self.C, self.H, self.W, device=self.device)
+        x = self.sample(ctx, torch.zeros(self.T, dtype=torch.bool), [Observation(op, y, var)], generator, **kw)
+        return self.denormalise(x)
+
+    def reconstruct(self, observations: Tensor, members: int = 1, sigma_y: float | Tensor = 0.0,
+                    generator: torch.Generator | None = None, **kw: object) -> Tensor:
+        """Sparse reconstruction: ``observations`` physical ``(T, C, H, W)`` with NaN where unobserved."""
+        if observations.shape != (self.T, self.C, self.H, self.W):
+            raise ValueError(f"observations: expected {(self.T, self.C, self.H, self.W)}, got {tuple(observations.shape)}")
+        mask = torch.isfinite(observations)
+        if not mask.any():
+            raise ValueError("observations: every value is NaN (nothing observed)")
+        filled = torch.where(mask, observations, self.mean.float()[:, None, None].expand_as(observations))
+        op = MaskOperator(mask)
+        y = self.normalise(filled)[mask].reshape(1, -1).expand(members, -1)
+        ch = torch.arange(self.C)[None, :, None, None].expand_as(mask)[mask]
+        var = self._sigma_at(sigma_y, ch)
+        ctx = torch.zeros(members, self.T, self.C, self.H, self.W, device=self.device)
+        x = self.sample(ctx, torch.zeros(self.T, dtype=torch.bool), [Observation(op, y, var)], generator, **kw)
+        return self.denormalise(x)
+
+    # -- constraints -------------------------------------------------------------
+    def dry_air_mass_operator(self, frames: Sequence[int], m_ref: float) -> DryAirMassOperator:
+        bounds = self.card.get("level_bounds")
+        q = self.channels_of("specific_humidity")
+        if bounds:
+            dsig = torch.tensor([abs(b[0] - b[1]) for b in bounds], dtype=torch.float64)
+        else:
+            dsig = _sigma_thickness(torch.tensor([self.channels[i][1] for i in q], dtype=torch.float64))
+        return DryAirMassOperator(self.channel_index("surface_pressure"), q, dsig, self.lat, self.W, self.mean,
+                                  self.std, m_ref, frames)
+
+    def dry_air_mass(self, x_phys: Tensor) -> Tensor:
+        """Dry air mass (kg) of physical frames ``(B, T, C, H, W)`` -> ``(B, T)``."""
+        op = self.dry_air_mass_operator(range(x_phys.shape[1]), 1.0)
+        return op.mass(self.normalise(x_phys))
+
+    def dry_air_mass_constraint(self, m_ref: float, rel_error: float = 1e-5) -> Constraint:
+        """Keep every generated frame's dry air mass at ``m_ref`` (relative error ``rel_error``)."""
+
+        def build(window: Tensor, mask: Tensor) -> Observation:
+            frames = [f for f in range(self.T) if not bool(mask[f])]
+            op = self.dry_air_mass_operator(frames, m_ref)
+            return Observation(op, torch.ones(1, len(frames), device=self.device), rel_error**2)
+
+        return build
+
+    def area_mean_constraint(self, variable: str, target: float, error: float,
+                             region: Tensor | None = None) -> Constraint:
+        """Keep the area-weighted mean of ``variable`` (all levels, generated frames) at ``target``."""
+        chans = self.channels_of(variable)
+
+        def build(window: Tensor, mask: Tensor) -> Observation:
+            frames = [f for f in range(self.T) if not bool(mask[f])]
+            op = AreaMeanOperator(chans, frames, self.lat, self.W, self.mean, self.std, region)
+            return Observation(op, torch.tensor([[target]], device=self.device), error**2)
+
+        return build
+
+    def warming(self, initial: Tensor, days: float, members: int = 1, delta_t: float = 2.0,
+                humidity_percent: float = 14.0, generator: torch.Generator | None = None,
+                region: Tensor | None = None, **kw: object) -> Tensor:
+        """Warming scenario: roll out with area-mean T raised by ``delta_t`` K and q by ``humidity_percent`` %.
+
+        Targets are relative to the initial state's area means; returns ``(members, frames, C, H, W)``.
+        """
+        if initial.ndim == 3:
+            initial = initial[None]
+        x0 = self.normalise(initial[-1:])[None]
+        t_chans, q_chans = self.channels_of("temperature"), self.channels_of("specific_humidity")
+        t_ref = float(AreaMeanOperator(t_chans, [0], self.lat, self.W, self.mean, self.std, region)(x0))
+        q_ref = float(AreaMeanOperator(q_chans, [0], self.lat, self.W, self.mean, self.std, region)(x0))
+        cons = [self.area_mean_constraint("temperature", t_ref + delta_t, 0.05, region),
+                self.area_mean_constraint("specific_humidity", q_ref * (1 + humidity_percent / 100.0),
+                                          0.005 * q_ref, region)]
+        return self.forecast(initial, days * 24.0, members, generator, 1, cons, **kw)
+
+    # -- helpers -----------------------------------------------------------------
+    def _channel_var(self, sigma_y: float | Tensor, shape: tuple[int, ...]) -> Tensor:
+        """Variances broadcast over ``shape`` (channel axis = the one of size C), flattened."""
+        ch_axis = list(shape).index(self.C)
+        ch = torch.arange(self.C).reshape([-1 if i == ch_axis else 1 for i in range(len(shape))]).expand(*shape)
+        return self._sigma_at(sigma_y, ch.reshape(-1))[None]
+
+    def _sigma_at(self, sigma_y: float | Tensor, ch: Tensor) -> Tensor:
+        s = torch.as_tensor(sigma_y, dtype=torch.float64)
+        if s.ndim == 0:
+            std_norm = torch.full((self.C,), 1e-2, dtype=torch.float64) if float(s) == 0 else s / self.std
+        else:
+            std_norm = s / self.std
+        return (std_norm[ch] ** 2).float().to(self.device)
+
+
+def _sigma_thickness(levels: Tensor) -> Tensor:
+    """Layer thicknesses from full-level sigmas (half levels midway, 0 and 1 at the ends)."""
+    order = torch.argsort(levels)
+    s = levels[order]
+    half = torch.cat([torch.zeros(1, dtype=s.dtype), 0.5 * (s[1:] + s[:-1]), torch.ones(1, dtype=s.dtype)])
+    d = half[1:] - half[:-1]
+    out = torch.empty_like(d)
+    out[order] = d
+    return out

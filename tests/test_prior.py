@@ -1,0 +1,186 @@
+"""The noise-blind UViT, schedule, sampler, checkpoint I/O and diffusion-forcing training."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from wind_bmi.config import load_config
+from wind_bmi.model.checkpoint import CheckpointError, load_prior
+from wind_bmi.model.network import UViT, sphere_pad
+from wind_bmi.model.sampler import sample_window
+from wind_bmi.model.schedule import CosineVPSchedule
+from wind_bmi.model.train import batch_indices, sample_levels
+from wind_bmi.training import run_training
+
+
+def tiny_net(**kw: object) -> UViT:
+    torch.manual_seed(0)
+    return UViT(4, 5, (8, 16), channels=(8, 16), dim=32, depth=1, heads=2, **kw)  # type: ignore[arg-type]
+
+
+def test_network_shapes_and_gradient_flow() -> None:
+    net = tiny_net()
+    # zero-initialised output layers: perturb so that every parameter receives gradient
+    for p in net.parameters():
+        p.data.add_(0.01 * torch.randn_like(p))
+    z = torch.randn(2, 5, 4, 8, 16)
+    out = net(z)
+    assert out.shape == z.shape
+    out.square().mean().backward()
+    no_grad = [n for n, p in net.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert not no_grad, no_grad
+    with pytest.raises(ValueError, match="expected windows"):
+        net(torch.randn(1, 5, 3, 8, 16))
+
+
+def test_network_is_noise_blind() -> None:
+    net = tiny_net()
+    params = list(inspect.signature(net.forward).parameters)
+    assert params == ["z"], "the network must not take a noise level"
+    names = " ".join(n for n, _ in net.named_modules()).lower()
+    assert "time" not in names and "emb" not in names and "ada" not in names
+
+
+def test_sphere_padding_crosses_poles_and_wraps_longitude() -> None:
+    x = torch.arange(4 * 8, dtype=torch.float32).reshape(1, 1, 4, 8)
+    p = sphere_pad(x, 1)
+    assert p.shape == (1, 1, 6, 10)
+    assert torch.equal(p[0, 0, 1:-1, 0], x[0, 0, :, -1])  # west halo = east edge
+    assert torch.equal(p[0, 0, 1:-1, -1], x[0, 0, :, 0])
+    # beyond the south pole: row 0 seen from the other side (rolled by half the longitudes)
+    assert torch.equal(p[0, 0, 0, 1:-1], x[0, 0, 0].roll(4))
+    assert torch.equal(p[0, 0, -1, 1:-1], x[0, 0, -1].roll(4))
+
+
+def test_schedule_clean_frames_are_exact() -> None:
+    s = CosineVPSchedule()
+    x = torch.randn(2, 5, 1, 2, 2)
+    t = torch.tensor([[0.0, 0.0, 0.5, 0.9, 1.0]] * 2)
+    z = s.noise(x, t, torch.Generator().manual_seed(0))
+    assert torch.equal(z[:, :2], x[:, :2])
+    assert not torch.allclose(z[:, 2:], x[:, 2:])
+    a, sig = s.coefficients(t)
+    assert torch.allclose(a**2 + sig**2, torch.ones_like(a), atol=2e-6)
+    w = s.loss_weight(t, 5.0)
+    assert torch.all(w[:, :2] == 0) and torch.all(w[:, 2:] >= 1) and torch.all(w <= 5)
+
+
+def test_sampler_keeps_context_frames_exactly_and_uses_the_generator() -> None:
+    net = tiny_net()
+    for p in net.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    sched = CosineVPSchedule()
+
+    def D(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return net(z)
+
+    ctx = torch.randn(3, 5, 4, 8, 16)
+    mask = torch.tensor([True, True, False, False, False])
+    a = sample_window(D, sched, ctx, mask, steps=4, generator=torch.Generator().manual_seed(1))
+    b = sample_window(D, sched, ctx, mask, steps=4, generator=torch.Generator().manual_seed(1))
+    c = sample_window(D, sched, ctx, mask, steps=4, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a[:, :2], ctx[:, :2])
+    assert torch.equal(a, b) and not torch.equal(a[:, 2:], c[:, 2:])
+    assert torch.isfinite(a).all()
+    # members differ (independent noise per batch row)
+    assert not torch.allclose(a[0, 2:], a[1, 2:])
+
+
+def test_data_order_and_levels_are_deterministic() -> None:
+    assert batch_indices(7, 10, 4, 0) == batch_indices(7, 10, 4, 0)
+    seen = sum((batch_indices(s, 10, 5, 0) for s in range(2)), [])
+    assert sorted(seen) == list(range(10))  # one epoch covers every window once
+    t = sample_levels(1000, 5, 0.5, torch.Generator().manual_seed(0))
+    clean_rows = (t == 0).any(dim=1).float().mean()
+    assert 0.4 < clean_rows < 0.6
+    # clean frames only ever form a prefix
+    for row in t[(t == 0).any(dim=1)]:
+        k = int((row == 0).sum())
+        assert torch.all(row[:k] == 0) and torch.all(row[k:] > 0)
+
+
+def test_training_reduces_loss_and_checkpoint_round_trips(tiny_model: Path) -> None:
+    card = json.loads(tiny_model.read_text())
+    hist = json.loads((tiny_model.parent / "train_state.json").read_text())["history"]
+    losses = [h["loss"] for h in hist if "loss" in h]
+    assert losses[-1] < losses[0]
+    assert card["training"]["steps"] == 30 and set(card["validation"]) == {
+        "t_0.00_0.25", "t_0.25_0.50", "t_0.50_0.75", "t_0.75_1.00"}
+    assert len(card["normalisation"]["mean"]) == len(card["channels"]) == 3 * 4 + 2
+    prior = load_prior(tiny_model)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tiny_model.with_suffix(".safetensors")))
+    for k, v in prior.net.state_dict().items():
+        assert torch.equal(v, saved[k])
+
+
+def test_loading_rejects_corrupt_or_mismatched_weights(tiny_model: Path, tmp_path: Path) -> None:
+    import shutil
+
+    card_path = tmp_path / "model.json"
+    shutil.copy(tiny_model, card_path)
+    weights = tmp_path / "model.safetensors"
+    shutil.copy(tiny_model.with_suffix(".safetensors"), weights)
+    load_prior(card_path)
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        load_prior(card_path)
+    card = json.loads(tiny_model.read_text())
+    card["architecture"]["dim"] = 64
+    shutil.copy(tiny_model.with_suffix(".safetensors"), weights)
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(CheckpointError):
+        load_prior(card_path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_prior(tmp_path / "none.json")
+    card_path.write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_prior(card_path)
+
+
+def test_resume_continues_bit_for_bit(tiny_data: Path, tiny_config: Path, tmp_path: Path) -> None:
+    cfg = load_config(tiny_config)
+    full = run_training(cfg, data=str(tiny_data), out=str(tmp_path / "full"), max_steps=12, progress=False)
+    run_training(cfg, data=str(tiny_data), out=str(tmp_path / "split"), max_steps=5, progress=False)
+    split = run_training(cfg, data=str(tiny_data), out=str(tmp_path / "split"), resume=True, max_steps=12,
+                         progress=False)
+    from safetensors.torch import load_file
+
+    a = load_file(str(full.with_suffix(".safetensors")))
+    b = load_file(str(split.with_suffix(".safetensors")))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    c = run_training(cfg, data=str(tiny_data), out=str(tmp_path / "other"), max_steps=7, progress=False)
+    assert not all(torch.equal(a[k], load_file(str(c.with_suffix(".safetensors")))[k]) for k in a)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_ddp_with_two_gloo_processes(tiny_data: Path, tiny_config: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
+           "--no-python", str(Path(sys.executable).parent / "wind-bmi"), "train", "--config", str(tiny_config), "--data", str(tiny_data), "--out", str(out),
+           "--max-steps", "4"]
+    # run from tmp_path: the repository root on sys.path would shadow the installed package
+    subprocess.run(cmd, check=True, env=env, timeout=300, capture_output=True, cwd=tmp_path)
+    card = json.loads((out / "model.json").read_text())
+    assert card["training"]["steps"] == 4
+    prior = load_prior(out / "model.json")
+    assert all(np.isfinite(p.detach().numpy()).all() for p in prior.net.parameters())

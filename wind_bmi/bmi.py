@@ -1,0 +1,385 @@
+"""``WindBmi``: the BMI 2.0 adapter. It only translates names, units, grids and flat arrays.
+
+State, clock and sampling live in :class:`wind_bmi.component.WindComponent`.
+
+Variables (CSDMS names; see README for the full table):
+
+* outputs (ensemble mean at the current time): ``atmosphere_air__temperature`` ... on grid 0
+  (rank 3: sigma level, latitude ascending, longitude) or grid 1 (rank 2: latitude, longitude);
+  ``<name>_ensemble_spread`` (standard deviation, ddof 1) on the same grids; ``<name>_ensemble_members``
+  on flat ``vector`` grids 5/6 (C order ``(member, [level,] lat, lon)``).
+* inputs: every state variable (``set_value`` replaces the newest clean frame of all members);
+  observed twins ``<object>__observed_<quantity>`` (NaN = unobserved; valid at the end of the next
+  ``update``); coarse twins ``<object>__coarse_<quantity>`` on grids 2/3 (4x coarser area means);
+  scalar targets on grid 4.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from bmipy import Bmi
+from numpy.typing import NDArray
+
+from wind_bmi.config import BmiConfig, ConfigError, from_dict, load_config
+from wind_bmi.component import STATE_VARIABLES, ComponentError, WindComponent
+from wind_bmi.variables import VARIABLES
+
+GRID_3D, GRID_2D, GRID_3D_COARSE, GRID_2D_COARSE, GRID_SCALAR, GRID_MEMBERS_3D, GRID_MEMBERS_2D = range(7)
+
+BMI_UNITS = {"precipitation": ("m s-1", 1e-3)}  # leq volume flux: kg m-2 s-1 / 1000 kg m-3
+
+SCALAR_TARGETS = {
+    "atmosphere_dry_air__target_mass": ("dry_air_mass", "kg"),
+    "atmosphere_air__target_mean_temperature_increment": ("warming_kelvin", "K"),
+    "atmosphere_air_water~vapor__target_mean_specific_saturation_relative_increment": ("humidity_percent", "percent"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class VarSpec:
+    """One BMI variable: project variable, role, grid, units and scale (BMI = project * scale)."""
+
+    name: str
+    variable: str
+    role: str  # state | spread | members | observed | coarse | scalar
+    grid: int
+    units: str
+    scale: float = 1.0
+
+
+def _twin(csdms: str, word: str) -> str:
+    obj, quantity = csdms.split("__", 1)
+    return f"{obj}__{word}_{quantity}"
+
+
+def build_variable_table() -> dict[str, VarSpec]:
+    table: dict[str, VarSpec] = {}
+    for var in STATE_VARIABLES:
+        info = VARIABLES[var]
+        units, scale = BMI_UNITS.get(var, (info.units, 1.0))
+        g, gc, gm = (GRID_3D, GRID_3D_COARSE, GRID_MEMBERS_3D) if info.levels else \
+            (GRID_2D, GRID_2D_COARSE, GRID_MEMBERS_2D)
+        table[info.csdms] = VarSpec(info.csdms, var, "state", g, units, scale)
+        table[info.csdms + "_ensemble_spread"] = VarSpec(info.csdms + "_ensemble_spread", var, "spread", g, units, scale)
+        table[info.csdms + "_ensemble_members"] = VarSpec(info.csdms + "_ensemble_members", var, "members", gm, units,
+                                                          scale)
+        table[_twin(info.csdms, "observed")] = VarSpec(_twin(info.csdms, "observed"), var, "observed", g, units, scale)
+        table[_twin(info.csdms, "coarse")] = VarSpec(_twin(info.csdms, "coarse"), var, "coarse", gc, units, scale)
+    for name, (key, units) in SCALAR_TARGETS.items():
+        table[name] = VarSpec(name, key, "scalar", GRID_SCALAR, units)
+    return table
+
+
+VARIABLE_TABLE = build_variable_table()
+OUTPUT_ROLES = ("state", "spread", "members")
+INPUT_ROLES = ("state", "observed", "coarse", "scalar")
+
+
+class WindBmi(Bmi):
+    """WIND as a BMI 2.0 component (``initialize`` / ``update`` / ``finalize``)."""
+
+    METADATA = str(Path(__file__).parent / "metadata")
+    _name = "WIND: Weather Inverse Diffusion (zero-shot guided video-diffusion atmosphere)"
+
+    def __init__(self) -> None:
+        self._c: WindComponent | None = None
+        self._finalized = False
+        self._out: dict[str, NDArray[np.float64]] = {}
+
+    # -- helpers -------------------------------------------------------------------
+    @property
+    def _comp(self) -> WindComponent:
+        if self._c is None:
+            state = "finalized" if self._finalized else "not initialized"
+            raise RuntimeError(f"WindBmi is {state}: call initialize(config_file) first")
+        return self._c
+
+    def _spec(self, name: str) -> VarSpec:
+        try:
+            return VARIABLE_TABLE[name]
+        except KeyError:
+            raise KeyError(f"unknown variable {name!r}; see get_input_var_names()/get_output_var_names()") from None
+
+    def _grid_shape(self, grid: int) -> tuple[int, ...]:
+        c = self._comp
+        k = c.downscale_factor
+        return {
+            GRID_3D: (c.K, c.H, c.W), GRID_2D: (c.H, c.W), GRID_3D_COARSE: (c.K, c.H // k, c.W // k),
+            GRID_2D_COARSE: (c.H // k, c.W // k), GRID_SCALAR: (1,),
+            GRID_MEMBERS_3D: (c.cfg.members * c.K * c.H * c.W,), GRID_MEMBERS_2D: (c.cfg.members * c.H * c.W,),
+        }[grid]
+
+    def _check_grid(self, grid: int) -> None:
+        if grid not in range(7):
+            raise KeyError(f"unknown grid id {grid}; grids are 0..6")
+
+    def _compute(self, spec: VarSpec) -> NDArray[np.float64]:
+        c = self._comp
+        if spec.role == "scalar":
+            return np.array([c.targets[spec.variable]], dtype=np.float64)
+        if spec.role in ("observed", "coarse"):
+            pending = (c.pending.observed if spec.role == "observed" else c.pending.coarse).get(spec.variable)
+            size = int(np.prod(self._grid_shape(spec.grid)))
+            return np.full(size, np.nan) if pending is None else pending.reshape(-1) * spec.scale
+        chans = c.channel_slice(spec.variable)
+        src = {"state": c.mean_phys, "spread": c.spread_phys, "members": c.members_phys}[spec.role]
+        return src[..., chans, :, :].astype(np.float64).reshape(-1) * spec.scale
+
+    def _refresh_outputs(self) -> None:
+        for name, buf in self._out.items():
+            buf[...] = self._compute(VARIABLE_TABLE[name])
+
+    # -- initialize / run / finalize --------------------------------------------------
+    def initialize(self, config_file: str | None = None) -> None:
+        """Read a YAML config (``kind: bmi``); an empty string uses the shipped model and sample."""
+        if config_file:
+            cfg = load_config(config_file, BmiConfig)
+        else:
+            cfg = from_dict(BmiConfig, {}, "<defaults>")
+        try:
+            comp = WindComponent(cfg)
+        except ComponentError as exc:
+            raise ConfigError(f"{config_file or '<defaults>'}: {exc}") from exc
+        self._c = comp
+        self._finalized = False
+        self._out = {}
+
+    def update(self) -> None:
+        self._comp.advance()
+        self._refresh_outputs()
+
+    def update_until(self, time: float) -> None:
+        c = self._comp
+        if time < c.time_hours:
+            raise ValueError(f"update_until: time {time} h is before the current time {c.time_hours} h")
+        while c.time_hours < time - 1e-9:
+            self.update()
+
+    def finalize(self) -> None:
+        self._c = None
+        self._out = {}
+        self._finalized = True
+
+    # -- info ----------------------------------------------------------------------------
+    def get_component_name(self) -> str:
+        return self._name
+
+    def get_input_item_count(self) -> int:
+        return len(self.get_input_var_names())
+
+    def get_output_item_count(self) -> int:
+        return len(self.get_output_var_names())
+
+    def get_input_var_names(self) -> tuple[str, ...]:
+        return tuple(n for n, s in VARIABLE_TABLE.items() if s.role in INPUT_ROLES)
+
+    def get_output_var_names(self) -> tuple[str, ...]:
+        return tuple(n for n, s in VARIABLE_TABLE.items() if s.role in OUTPUT_ROLES)
+
+    # -- variables -------------------------------------------------------------------------
+    def get_var_grid(self, name: str) -> int:
+        return self._spec(name).grid
+
+    def get_var_type(self, name: str) -> str:
+        self._spec(name)
+        return "float64"
+
+    def get_var_units(self, name: str) -> str:
+        return self._spec(name).units
+
+    def get_var_itemsize(self, name: str) -> int:
+        self._spec(name)
+        return 8
+
+    def get_var_nbytes(self, name: str) -> int:
+        return 8 * int(np.prod(self._grid_shape(self._spec(name).grid)))
+
+    def get_var_location(self, name: str) -> str:
+        self._spec(name)
+        return "node"
+
+    # -- time ----------------------------------------------------------------------------
+    def get_current_time(self) -> float:
+        return float(self._comp.time_hours)
+
+    def get_start_time(self) -> float:
+        return 0.0
+
+    def get_end_time(self) -> float:
+        return float(self._comp.cfg.run_hours)
+
+    def get_time_units(self) -> str:
+        return "h"
+
+    def get_time_step(self) -> float:
+        return float(self._comp.step_hours)
+
+    # -- getters/setters -------------------------------------------------------------------
+    def get_value(self, name: str, dest: NDArray[Any]) -> NDArray[Any]:
+        src = self._compute(self._spec(name))
+        if dest.size != src.size:
+            raise ValueError(f"get_value({name!r}): dest has {dest.size} elements, expected {src.size}")
+        dest[:] = src
+        return dest
+
+    def get_value_ptr(self, name: str) -> NDArray[Any]:
+        spec = self._spec(name)
+        if spec.role not in ("state", "spread", "members"):
+            raise ValueError(f"get_value_ptr({name!r}): only output variables have a live buffer")
+        if name not in self._out:
+            self._out[name] = self._compute(spec)
+        return self._out[name]
+
+    def get_value_at_indices(self, name: str, dest: NDArray[Any], inds: NDArray[np.int_]) -> NDArray[Any]:
+        src = self._compute(self._spec(name))
+        inds = self._check_indices(name, inds, src.size)
+        dest[:] = src[inds]
+        return dest
+
+    def _check_indices(self, name: str, inds: Any, size: int) -> NDArray[np.int64]:
+        arr = np.asarray(inds)
+        if arr.dtype.kind not in "iu":
+            raise TypeError(f"{name}: indices must be integers, got dtype {arr.dtype}")
+        arr = arr.reshape(-1).astype(np.int64)
+        if arr.size and (arr.min() < 0 or arr.max() >= size):
+            raise IndexError(f"{name}: indices must lie in 0..{size - 1}, got range {arr.min()}..{arr.max()}")
+        return arr
+
+    def _check_values(self, name: str, values: Any, size: int) -> NDArray[np.float64]:
+        arr = np.asarray(values)
+        if arr.dtype.kind not in "fiu":
+            raise TypeError(f"{name}: values must be numeric, got dtype {arr.dtype}")
+        arr = arr.astype(np.float64).reshape(-1)
+        if arr.size != size:
+            raise ValueError(f"{name}: expected {size} values, got {arr.size}")
+        return arr
+
+    def set_value(self, name: str, src: NDArray[Any]) -> None:
+        spec = self._spec(name)
+        if spec.role not in INPUT_ROLES:
+            raise KeyError(f"{name!r} is an output only; inputs are get_input_var_names()")
+        size = int(np.prod(self._grid_shape(spec.grid)))
+        self._apply(spec, self._check_values(name, src, size))
+
+    def set_value_at_indices(self, name: str, inds: NDArray[np.int_], src: NDArray[Any]) -> None:
+        spec = self._spec(name)
+        if spec.role not in INPUT_ROLES:
+            raise KeyError(f"{name!r} is an output only; inputs are get_input_var_names()")
+        size = int(np.prod(self._grid_shape(spec.grid)))
+        idx = self._check_indices(name, inds, size)
+        vals = self._check_values(name, src, idx.size)
+        current = self._compute(spec)
+        current[idx] = vals
+        self._apply(spec, current)
+
+    def _apply(self, spec: VarSpec, values: NDArray[np.float64]) -> None:
+        """Validate fully, then commit: the component is unchanged when this raises."""
+        c = self._comp
+        phys = values / spec.scale
+        if spec.role in ("state", "coarse"):
+            if not np.isfinite(phys).all():
+                raise ValueError(f"{spec.name}: NaN/inf not allowed (a value is required at every cell)")
+        elif spec.role == "observed":
+            if np.isinf(phys).any():
+                raise ValueError(f"{spec.name}: inf not allowed (NaN marks unobserved cells)")
+        elif spec.role == "scalar":
+            if np.isinf(phys).any() or (spec.variable != "dry_air_mass" and not np.isfinite(phys).all()):
+                raise ValueError(f"{spec.name}: expected a finite number (NaN allowed only for the dry-mass target)")
+            if spec.variable == "dry_air_mass" and np.isfinite(phys[0]) and phys[0] <= 0:
+                raise ValueError(f"{spec.name}: dry air mass must be positive kg, got {phys[0]}")
+        setter: Callable[[str, NDArray[Any]], None] = {
+            "state": c.set_state, "observed": c.set_observed, "coarse": c.set_coarse,
+        }.get(spec.role, lambda v, a: c.targets.__setitem__(v, float(a[0])))
+        setter(spec.variable, phys.astype(np.float32) if spec.role != "scalar" else phys)
+        self._refresh_outputs()
+
+    # -- grids -----------------------------------------------------------------------------
+    def get_grid_rank(self, grid: int) -> int:
+        self._check_grid(grid)
+        return {GRID_3D: 3, GRID_3D_COARSE: 3, GRID_2D: 2, GRID_2D_COARSE: 2, GRID_SCALAR: 0}.get(grid, 1)
+
+    def get_grid_size(self, grid: int) -> int:
+        self._check_grid(grid)
+        return int(np.prod(self._grid_shape(grid)))
+
+    def get_grid_type(self, grid: int) -> str:
+        self._check_grid(grid)
+        if grid == GRID_SCALAR:
+            return "scalar"
+        if grid in (GRID_MEMBERS_3D, GRID_MEMBERS_2D):
+            return "vector"
+        return "rectilinear"
+
+    def get_grid_shape(self, grid: int, shape: NDArray[np.int_]) -> NDArray[np.int_]:
+        self._check_grid(grid)
+        s = self._grid_shape(grid) if grid != GRID_SCALAR else ()
+        shape[: len(s)] = s
+        return shape
+
+    def _coords(self, grid: int) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
+        c = self._comp
+        lat, lon = c.model.lat.numpy(), c.model.lon.numpy()
+        if grid in (GRID_3D_COARSE, GRID_2D_COARSE):
+            k = c.downscale_factor
+            lat = lat.reshape(-1, k).mean(axis=1)
+            lon = lon.reshape(-1, k).mean(axis=1)
+        return lon, lat, np.asarray(c.levels, dtype=np.float64)
+
+    def get_grid_x(self, grid: int, x: NDArray[np.float64]) -> NDArray[np.float64]:
+        self._check_grid(grid)
+        lon = self._coords(grid)[0]
+        x[: lon.size] = lon
+        return x
+
+    def get_grid_y(self, grid: int, y: NDArray[np.float64]) -> NDArray[np.float64]:
+        self._check_grid(grid)
+        lat = self._coords(grid)[1]
+        y[: lat.size] = lat
+        return y
+
+    def get_grid_z(self, grid: int, z: NDArray[np.float64]) -> NDArray[np.float64]:
+        self._check_grid(grid)
+        lev = self._coords(grid)[2]
+        z[: lev.size] = lev
+        return z
+
+    def get_grid_spacing(self, grid: int, spacing: NDArray[np.float64]) -> NDArray[np.float64]:
+        raise NotImplementedError("rectilinear grids have no uniform spacing; use get_grid_x/y/z")
+
+    def get_grid_origin(self, grid: int, origin: NDArray[np.float64]) -> NDArray[np.float64]:
+        raise NotImplementedError("rectilinear grids have no origin; use get_grid_x/y/z")
+
+    def get_grid_node_count(self, grid: int) -> int:
+        return self.get_grid_size(grid)
+
+    def get_grid_edge_count(self, grid: int) -> int:
+        raise NotImplementedError("edges are defined for unstructured grids only")
+
+    def get_grid_face_count(self, grid: int) -> int:
+        raise NotImplementedError("faces are defined for unstructured grids only")
+
+    def get_grid_edge_nodes(self, grid: int, edge_nodes: NDArray[np.int_]) -> NDArray[np.int_]:
+        raise NotImplementedError("edges are defined for unstructured grids only")
+
+    def get_grid_face_edges(self, grid: int, face_edges: NDArray[np.int_]) -> NDArray[np.int_]:
+        raise NotImplementedError("faces are defined for unstructured grids only")
+
+    def get_grid_face_nodes(self, grid: int, face_nodes: NDArray[np.int_]) -> NDArray[np.int_]:
+        raise NotImplementedError("faces are defined for unstructured grids only")
+
+    def get_grid_nodes_per_face(self, grid: int, nodes_per_face: NDArray[np.int_]) -> NDArray[np.int_]:
+        raise NotImplementedError("faces are defined for unstructured grids only")
+
+    # -- extras (not BMI) -------------------------------------------------------------------------
+    def save_restart(self, path: str) -> None:
+        """Write a restart file; ``restart_file: PATH`` in the config resumes from it."""
+        self._comp.save_restart(path)
+
+    @property
+    def component(self) -> WindComponent:
+        return self._comp

@@ -1,0 +1,338 @@
+"""The stateful WIND component: ensemble state, clock, pending observations, output writer.
+
+:class:`WindComponent` knows physical arrays and the model facade; it knows nothing of BMI names
+(the adapter in :mod:`wind_bmi.bmi` translates). One :meth:`advance` = one guided
+diffusion-forcing window: the newest ``context_frames`` frames stay clean, ``T - context_frames``
+new 6-hourly frames are generated, and every pending observation or constraint becomes an MMPS
+operator for that window.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import cftime
+import numpy as np
+import torch
+import xarray as xr
+from safetensors.numpy import load_file as np_load_file
+from safetensors.numpy import save_file as np_save_file
+
+from wind_bmi.config import BmiConfig, to_dict
+from wind_bmi.data.layouts import LayoutError, open_any
+from wind_bmi.data.windows import Channel, stack_channels
+from wind_bmi.model.checkpoint import CheckpointError, load_prior
+from wind_bmi.model.operators import AreaMeanOperator, AveragePoolOperator, MaskOperator, Observation
+from wind_bmi.model.tasks import Constraint, WindModel
+
+SAMPLE_NAME = "sample_speedy_t31.nc"
+STATE_VARIABLES = ("temperature", "u_wind", "v_wind", "specific_humidity", "surface_pressure", "precipitation")
+DEFAULT_OBS_ERROR = {"temperature": 0.5, "u_wind": 1.0, "v_wind": 1.0, "specific_humidity": 2e-4,
+                     "surface_pressure": 100.0, "precipitation": 2e-5}
+
+
+def shipped_sample_path() -> Path:
+    return Path(str(resources.files("wind_bmi") / "data" / SAMPLE_NAME))
+
+
+class ComponentError(ValueError):
+    """Bad configuration or input for the component; its state is unchanged."""
+
+
+@dataclasses.dataclass
+class PendingInputs:
+    """Inputs set since the last window: sparse observations, coarse fields, scalar targets."""
+
+    observed: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # variable -> (K,H,W)|(H,W), NaN = none
+    coarse: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    host: list[tuple[Any, np.ndarray, np.ndarray, str]] = dataclasses.field(default_factory=list)
+
+
+class WindComponent:
+    """Ensemble state and clock of one WIND run.
+
+    Args:
+        cfg: validated :class:`BmiConfig`.
+    """
+
+    def __init__(self, cfg: BmiConfig) -> None:
+        if not 1 <= cfg.members:
+            raise ComponentError(f"members must be >= 1, got {cfg.members}")
+        if cfg.guidance.method not in ("mmps", "dps"):
+            raise ComponentError(f"guidance.method must be 'mmps' or 'dps', got {cfg.guidance.method!r}")
+        self.cfg = cfg
+        try:
+            prior = load_prior(cfg.model or None, cfg.device)
+        except CheckpointError as exc:
+            raise ComponentError(f"config key 'model': {exc}") from exc
+        self.model = WindModel(prior, cfg.device, bf16=cfg.device == "cpu", steps=cfg.sampler.steps,
+                               eta=cfg.sampler.eta, method=cfg.guidance.method,
+                               cg_iterations=cfg.guidance.cg_iterations)
+        T = self.model.T
+        if not 1 <= cfg.context_frames < T:
+            raise ComponentError(f"config key 'context_frames': expected 1..{T - 1}, got {cfg.context_frames}")
+        unknown = set(cfg.observation_error) - set(STATE_VARIABLES)
+        if unknown:
+            raise ComponentError(f"config key 'observation_error': unknown variable(s) {sorted(unknown)}; "
+                                 f"expected some of {list(STATE_VARIABLES)}")
+        self.obs_error = {**DEFAULT_OBS_ERROR, **cfg.observation_error}
+        self.levels = [c[1] for c in self.model.channels if c[0] == "temperature"]
+        self.K, self.H, self.W = len(self.levels), self.model.H, self.model.W
+        self.downscale_factor = 4
+        self.generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
+        self.time_hours = 0.0
+        self.step_hours = 6.0 * (T - cfg.context_frames)
+        self.pending = PendingInputs()
+        self.targets: dict[str, float] = {"dry_air_mass": float("nan"), "warming_kelvin": cfg.constraints.warming_kelvin,
+                                          "humidity_percent": cfg.constraints.humidity_percent}
+        self.output_frames: list[tuple[float, np.ndarray, np.ndarray]] = []
+        self._load_initial_condition()
+        x0 = self.history[:1, -1:]
+        self.m_ref = float(self.model.dry_air_mass(self.model.denormalise(x0))[0, 0])
+        lat, W, mean, std = self.model.lat, self.W, self.model.mean, self.model.std
+        self.t_ref = float(AreaMeanOperator(self.channel_slice("temperature"), [0], lat, W, mean, std)(x0))
+        self.q_ref = float(AreaMeanOperator(self.channel_slice("specific_humidity"), [0], lat, W, mean, std)(x0))
+        if cfg.restart_file:
+            self.load_restart(cfg.restart_file)
+        self._refresh()
+        if cfg.output:
+            self._record_output()
+
+    # -- initial condition ----------------------------------------------------------
+    def _load_initial_condition(self) -> None:
+        path = self.cfg.initial_condition or str(shipped_sample_path())
+        try:
+            ds = open_any(path)
+        except LayoutError as exc:
+            raise ComponentError(f"config key 'initial_condition': {exc}") from exc
+        times = ds["time"].values
+        self.calendar = getattr(times[0], "calendar", "proleptic_gregorian")
+        if self.cfg.start_time:
+            try:
+                start = cftime.datetime.strptime(self.cfg.start_time.replace("T", " "), "%Y-%m-%d %H:%M:%S",
+                                                 calendar=self.calendar) \
+                    if ":" in self.cfg.start_time else \
+                    cftime.datetime.strptime(self.cfg.start_time, "%Y-%m-%d", calendar=self.calendar)
+            except ValueError as exc:
+                raise ComponentError(f"config key 'start_time': expected 'YYYY-MM-DD[ HH:MM:SS]', "
+                                     f"got {self.cfg.start_time!r}") from exc
+            matches = [i for i, t in enumerate(times) if t == start]
+            if not matches:
+                raise ComponentError(f"config key 'start_time': {self.cfg.start_time} is not a time of {path} "
+                                     f"({times[0]} .. {times[-1]})")
+            idx = matches[0]
+        else:
+            idx = self.cfg.context_frames - 1
+        if idx + 1 < self.cfg.context_frames:
+            raise ComponentError(f"config key 'start_time': need {self.cfg.context_frames} frames up to it in {path}")
+        channels = [Channel(v, lv) for v, lv in self.model.channels]
+        try:
+            frames = stack_channels(ds.isel(time=slice(idx + 1 - self.cfg.context_frames, idx + 1)), channels)
+        except KeyError as exc:
+            raise ComponentError(f"config key 'initial_condition': {path} lacks a model channel: {exc}") from exc
+        if frames.shape[-2:] != (self.H, self.W):
+            raise ComponentError(f"config key 'initial_condition': grid {frames.shape[-2:]} of {path} differs from the "
+                                 f"model's {(self.H, self.W)} (regrid it first)")
+        if not np.isfinite(frames).all():
+            raise ComponentError(f"config key 'initial_condition': {path} has NaN/inf in the initial frames")
+        self.start_datetime = times[idx]
+        x = self.model.normalise(torch.from_numpy(frames))  # (k, C, H, W)
+        self.history = x[None].repeat(self.cfg.members, 1, 1, 1, 1).contiguous()
+        self.sample_path = path
+
+    # -- views ---------------------------------------------------------------------
+    def _refresh(self) -> None:
+        """Physical numpy mirrors of the newest frame: members, mean, spread (in place, stable identity)."""
+        phys = self.model.denormalise(self.history[:, -1]).cpu().numpy()  # (M, C, H, W)
+        if not hasattr(self, "members_phys"):
+            self.members_phys = np.empty_like(phys)
+            self.mean_phys = np.empty(phys.shape[1:], dtype=np.float32)
+            self.spread_phys = np.empty(phys.shape[1:], dtype=np.float32)
+        self.members_phys[...] = phys
+        self.mean_phys[...] = phys.mean(axis=0)
+        self.spread_phys[...] = phys.std(axis=0, ddof=1) if phys.shape[0] > 1 else 0.0
+
+    def channel_slice(self, variable: str) -> list[int]:
+        return self.model.channels_of(variable)
+
+    def current_datetime(self) -> Any:
+        return self.start_datetime + _timedelta_hours(self.time_hours)
+
+    # -- inputs ----------------------------------------------------------------------
+    def set_observed(self, variable: str, values: np.ndarray) -> None:
+        self.pending.observed[variable] = values.copy()
+
+    def set_coarse(self, variable: str, values: np.ndarray) -> None:
+        self.pending.coarse[variable] = values.copy()
+
+    def add_host_observation(self, operator_rows: Any, y: np.ndarray, sigma: np.ndarray, variable: str) -> None:
+        self.pending.host.append((operator_rows, y.copy(), sigma.copy(), variable))
+
+    def set_state(self, variable: str, values: np.ndarray) -> None:
+        """Replace the newest clean frame of ``variable`` in every member (e.g. a host analysis)."""
+        chans = self.channel_slice(variable)
+        phys = self.model.denormalise(self.history[:, -1])
+        phys[:, chans] = torch.from_numpy(values.reshape(len(chans), self.H, self.W)).to(phys)
+        self.history[:, -1] = self.model.normalise(phys)
+        self._refresh()
+
+    # -- stepping ---------------------------------------------------------------------
+    def _observations(self, mask_ctx: torch.Tensor) -> list[Observation]:
+        """Pending inputs of this window as observations on the last generated frame."""
+        T, C, H, W = self.model.T, self.model.C, self.H, self.W
+        M = self.cfg.members
+        obs: list[Observation] = []
+        last = T - 1
+        if self.pending.observed:
+            values = torch.full((T, C, H, W), float("nan"), dtype=torch.float32)
+            for var, arr in self.pending.observed.items():
+                chans = self.channel_slice(var)
+                values[last, chans] = torch.from_numpy(arr.reshape(len(chans), H, W).astype(np.float32))
+            mask = torch.isfinite(values)
+            if mask.any():
+                filled = torch.where(mask, values, torch.zeros(()))
+                norm = self.model.normalise(filled)
+                ch = torch.arange(C)[None, :, None, None].expand_as(mask)[mask]
+                sig = torch.tensor([self.obs_error[self.model.channels[int(c)][0]] for c in range(C)],
+                                   dtype=torch.float64)
+                obs.append(Observation(MaskOperator(mask), norm[mask][None].expand(M, -1),
+                                       self.model.error_variance(sig[ch], ch)))
+        for var, arr in self.pending.coarse.items():
+            chans = self.channel_slice(var)
+            k = self.downscale_factor
+            op = AveragePoolOperator(k, self.model.lat, frames=[last], channels=chans)
+            coarse = torch.from_numpy(arr.reshape(len(chans), H // k, W // k).astype(np.float64))
+            ynorm = ((coarse - self.model.mean[chans, None, None]) / self.model.std[chans, None, None]).float()
+            var_n = self.model.error_variance(torch.full((len(chans),), self.obs_error[var], dtype=torch.float64),
+                                              torch.tensor(chans))
+            obs.append(Observation(op, ynorm.reshape(1, -1).expand(M, -1),
+                                   var_n[:, None].expand(-1, (H // k) * (W // k)).reshape(1, -1)))
+        for op_factory, y, sigma, var in self.pending.host:
+            chan = self.channel_slice(var)
+            if len(chan) != 1:
+                raise ComponentError(f"host observations need a single-level variable or one level; {var!r} has "
+                                     f"{len(chan)}")
+            op = op_factory(last, chan[0])
+            yn = (torch.from_numpy(y).double() - self.model.mean[chan[0]]) / self.model.std[chan[0]]
+            vn = (torch.from_numpy(sigma).double() / self.model.std[chan[0]]) ** 2
+            obs.append(Observation(op, yn.float()[None].expand(M, -1), vn.float()[None]))
+        return obs
+
+    def _constraints(self) -> list[Constraint]:
+        cons: list[Constraint] = []
+        c = self.cfg.constraints
+        target = self.targets["dry_air_mass"]
+        if c.dry_air_mass or np.isfinite(target):
+            cons.append(self.model.dry_air_mass_constraint(target if np.isfinite(target) else self.m_ref,
+                                                           c.dry_air_mass_rel_error))
+        if self.targets["warming_kelvin"]:
+            cons.append(self.model.area_mean_constraint("temperature", self.t_ref + self.targets["warming_kelvin"], 0.05))
+        if self.targets["humidity_percent"]:
+            q_target = self.q_ref * (1 + self.targets["humidity_percent"] / 100.0)
+            cons.append(self.model.area_mean_constraint("specific_humidity", q_target, 0.005 * self.q_ref))
+        return cons
+
+    def advance(self) -> None:
+        """One window: generate ``T - context_frames`` frames guided by pending inputs, then clear them."""
+        T, k = self.model.T, self.cfg.context_frames
+        mask = torch.zeros(T, dtype=torch.bool)
+        mask[:k] = True
+        win = torch.zeros(self.cfg.members, T, self.model.C, self.H, self.W, device=self.model.device)
+        win[:, :k] = self.history[:, -k:]
+        obs = self._observations(mask)
+        obs += [c(win, mask) for c in self._constraints()]
+        out = self.model.sample(win, mask, obs, self.generator)
+        new = out[:, k:]
+        if not torch.isfinite(new).all():
+            raise ComponentError("the window produced NaN/inf; state left unchanged")
+        self.history = torch.cat([self.history, new], dim=1)[:, -k:].contiguous()
+        self.pending = PendingInputs()
+        self.time_hours += self.step_hours
+        self._refresh()
+        if self.cfg.output:
+            phys = self.model.denormalise(new).cpu().numpy()
+            for f in range(new.shape[1]):
+                hours = self.time_hours - 6.0 * (new.shape[1] - 1 - f)
+                self.output_frames.append((hours, phys[:, f].mean(axis=0), phys[:, f].std(axis=0)))
+            self.write_output(self.cfg.output)
+
+    # -- output and restart ---------------------------------------------------------------
+    def _record_output(self) -> None:
+        self.output_frames.append((self.time_hours, self.mean_phys.copy(), self.spread_phys.copy()))
+
+    def write_output(self, path: str | Path) -> None:
+        """Write all frames so far as CF netCDF (temp file, then rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        hours = np.array([h for h, _, _ in self.output_frames])
+        mean = np.stack([m for _, m, _ in self.output_frames])
+        spread = np.stack([s for _, _, s in self.output_frames])
+        times = [self.start_datetime + _timedelta_hours(float(h)) for h in hours]
+        ds = xr.Dataset(coords={"time": ("time", times), "level": ("level", np.array(self.levels, dtype=np.float64),
+                                                                   {"long_name": "sigma", "positive": "down"}),
+                                "lat": ("lat", self.model.lat.numpy(), {"units": "degrees_north"}),
+                                "lon": ("lon", self.model.lon.numpy(), {"units": "degrees_east"})})
+        from wind_bmi.variables import VARIABLES
+
+        for var in STATE_VARIABLES:
+            chans = self.channel_slice(var)
+            info = VARIABLES[var]
+            dims: tuple[str, ...] = ("time", "level", "lat", "lon") if len(chans) > 1 else ("time", "lat", "lon")
+            m = mean[:, chans] if len(chans) > 1 else mean[:, chans[0]]
+            s = spread[:, chans] if len(chans) > 1 else spread[:, chans[0]]
+            ds[var] = (dims, m, {"units": info.units, "long_name": f"ensemble mean {info.long_name}",
+                                 "standard_name": info.standard_name})
+            ds[f"{var}_spread"] = (dims, s, {"units": info.units, "long_name": f"ensemble spread of {info.long_name}"})
+        ds.attrs.update({"Conventions": "CF-1.11", "source": "wind-bmi WindBmi", "members": self.cfg.members,
+                         "config": json.dumps(to_dict(self.cfg))})
+        enc = {"time": {"units": "hours since 1900-01-01 00:00:00", "calendar": self.calendar}}
+        tmp = path.with_name(path.name + ".tmp")
+        ds.to_netcdf(tmp, encoding=enc)
+        os.replace(tmp, path)
+
+    def save_restart(self, path: str | Path) -> None:
+        """Ensemble history, clock and generator state (safetensors + JSON metadata), atomically."""
+        path = Path(path)
+        gen_state = self.generator.get_state().numpy()
+        tensors = {"history": self.history.cpu().numpy(), "generator": gen_state}
+        meta = {"time_hours": str(self.time_hours), "m_ref": str(self.m_ref), "members": str(self.cfg.members),
+                "context_frames": str(self.cfg.context_frames),
+                "targets": json.dumps({k: (v if np.isfinite(v) else None) for k, v in self.targets.items()})}
+        tmp = path.with_name(path.name + ".tmp")
+        np_save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+
+    def load_restart(self, path: str | Path) -> None:
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise ComponentError(f"config key 'restart_file': {str(path)!r} does not exist")
+        try:
+            tensors = np_load_file(str(path))
+            with safe_open(str(path), framework="numpy") as f:
+                meta = f.metadata()
+        except Exception as exc:
+            raise ComponentError(f"config key 'restart_file': {path} is not a restart file ({exc})") from exc
+        hist = torch.from_numpy(tensors["history"])
+        if tuple(hist.shape) != tuple(self.history.shape):
+            raise ComponentError(f"restart {path}: state shape {tuple(hist.shape)} differs from this configuration's "
+                                 f"{tuple(self.history.shape)} (members/context_frames)")
+        self.history = hist.to(self.model.device)
+        self.generator.set_state(torch.from_numpy(tensors["generator"]))
+        self.time_hours = float(meta["time_hours"])
+        self.m_ref = float(meta["m_ref"])
+        t = json.loads(meta["targets"])
+        self.targets = {k: (float("nan") if v is None else float(v)) for k, v in t.items()}
+        self._refresh()
+
+
+def _timedelta_hours(h: float) -> Any:
+    import datetime as dt
+
+    return dt.timedelta(hours=h)
