@@ -6,7 +6,7 @@ returns an estimate of ``E[x | z, y]``; the sampler uses it in place of ``D``.
 MMPS (Rozet et al., NeurIPS 2024) with per-frame noise (diffusion forcing):
 
     x_hat = D(z),  Gamma = diag(sigma_f^2 / alpha_f)  (0 on clean frames),  V = Gamma J^T,  J = dD/dz
-    u     = (Sigma_y + A' V A'^T)^-1 (y - A(x_hat))          (conjugate gradient, fixed iterations)
+    u     = (Sigma_y + A' V A'^T)^-1 (y - A(x_hat))          (CG on the Sigma_y-whitened system, fixed iterations)
     E[x | z, y] ~ x_hat + Gamma J^T A'^T u
 
 ``A'`` is ``A`` linearised at ``x_hat`` (``torch.func.jvp`` / ``vjp``), ``J^T v`` one autograd VJP
@@ -89,7 +89,10 @@ class MMPSDenoiser:
             def matvec(u: Tensor) -> Tensor:
                 return var * u + torch.func.jvp(A, (x0,), (cov_AT(u),))[1]
 
-            u = conjugate_gradient(matvec, (y - y_hat).detach(), self.cg_iterations)
+            # Whitened system (Jacobi preconditioning by Sigma_y): observations of very different
+            # precision (a 1e-5 relative mass constraint beside 1 K temperatures) get balanced CG steps.
+            w = var.rsqrt()
+            u = w * conjugate_gradient(lambda v: w * matvec(w * v), (w * (y - y_hat)).detach(), self.cg_iterations)
             x_post = x0 + cov_AT(u)
         return x_post.detach()
 

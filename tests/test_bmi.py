@@ -1,0 +1,227 @@
+"""WindBmi on the tiny prior: stepping, every input variable, restart, bad inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from helpers import write_dataset
+
+from wind_bmi import WindBmi
+from wind_bmi.bmi import VARIABLE_TABLE
+from wind_bmi.config import ConfigError
+
+T_NAME = "atmosphere_air__temperature"
+T_OBS = "atmosphere_air__observed_temperature"
+PS_NAME = "land_surface_air__pressure"
+
+
+@pytest.fixture()
+def bmi_config(tiny_model: Path, tmp_path: Path) -> Path:
+    ic = write_dataset(tmp_path / "ic", "2002-03-01", 2, seed=5)
+    cfg = {"kind": "bmi", "model": str(tiny_model), "initial_condition": str(ic), "members": 3, "seed": 7,
+           "context_frames": 1, "sampler": {"steps": 4, "eta": 1.0}, "guidance": {"method": "mmps", "cg_iterations": 1},
+           "start_time": "2002-03-02 00:00:00", "run_hours": 48.0}
+    p = tmp_path / "bmi.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def make(cfg: Path, **over: object) -> WindBmi:
+    if over:
+        d = yaml.safe_load(cfg.read_text())
+        d.update(over)
+        cfg = cfg.with_name("over.yaml")
+        cfg.write_text(yaml.safe_dump(d))
+    b = WindBmi()
+    b.initialize(str(cfg))
+    return b
+
+
+def test_update_advances_one_window_and_ptr_keeps_identity(bmi_config: Path) -> None:
+    b = make(bmi_config)
+    assert b.get_start_time() == 0.0 and b.get_time_units() == "h" and b.get_time_step() == 24.0
+    ptr = b.get_value_ptr(T_NAME)
+    before = ptr.copy()
+    b.update()
+    assert b.get_current_time() == 24.0
+    assert b.get_value_ptr(T_NAME) is ptr and not np.array_equal(before, ptr)
+    dest = np.empty(b.get_grid_size(b.get_var_grid(T_NAME)))
+    assert b.get_value(T_NAME, dest) is dest
+    np.testing.assert_array_equal(dest, ptr)
+    spread = b.get_value(T_NAME + "_ensemble_spread", np.empty_like(dest))
+    members = b.get_value(T_NAME + "_ensemble_members", np.empty(3 * dest.size)).reshape(3, -1)
+    np.testing.assert_allclose(members.mean(axis=0), dest, rtol=1e-5)
+    np.testing.assert_allclose(members.std(axis=0, ddof=1), spread, rtol=1e-4, atol=1e-6)
+    assert spread.max() > 0  # members are carried independently
+    b.update_until(72.0)
+    assert b.get_current_time() == 72.0
+    with pytest.raises(ValueError, match="before the current time"):
+        b.update_until(10.0)
+    assert isinstance(b.get_current_time(), float) and isinstance(b.get_grid_rank(0), int)
+
+
+def test_context_frames_set_the_time_step(bmi_config: Path) -> None:
+    b = make(bmi_config, context_frames=3)
+    assert b.get_time_step() == 12.0
+    b.update()
+    assert b.get_current_time() == 12.0
+
+
+def test_observations_pull_the_analysis_towards_them_and_are_cleared(bmi_config: Path) -> None:
+    free = make(bmi_config)
+    guided = make(bmi_config)
+    n = guided.get_grid_size(guided.get_var_grid(T_OBS))
+    rng = np.random.default_rng(0)
+    idx = rng.choice(n, size=n // 3, replace=False)
+    truth = free.get_value(T_NAME, np.empty(n)) + 8.0  # far from what the prior would produce
+    guided.set_value_at_indices(T_OBS, idx, truth[idx])
+    obs_now = guided.get_value(T_OBS, np.empty(n))
+    assert np.isnan(obs_now[np.setdiff1d(np.arange(n), idx)]).all()
+    free.update()
+    guided.update()
+    g = guided.get_value(T_NAME, np.empty(n))[idx]
+    f = free.get_value(T_NAME, np.empty(n))[idx]
+    assert np.abs(g - truth[idx]).mean() < 0.5 * np.abs(f - truth[idx]).mean()
+    assert np.isnan(guided.get_value(T_OBS, np.empty(n))).all()  # cleared after the window
+
+
+def test_coarse_input_is_honoured(bmi_config: Path) -> None:
+    b = make(bmi_config)
+    name = "atmosphere_air__coarse_temperature"
+    n = b.get_grid_size(b.get_var_grid(name))
+    shape = np.zeros(3, dtype=int)
+    b.get_grid_shape(b.get_var_grid(name), shape)
+    target = np.full(n, 260.0)
+    b.set_value(name, target)
+    b.update()
+    comp = b.component
+    from wind_bmi.model.operators import AveragePoolOperator
+    import torch
+
+    pooled = AveragePoolOperator(4, comp.model.lat).pool(torch.from_numpy(comp.mean_phys[comp.channel_slice("temperature")]))
+    free = make(bmi_config)
+    free.update()
+    pooled_free = AveragePoolOperator(4, comp.model.lat).pool(
+        torch.from_numpy(free.component.mean_phys[comp.channel_slice("temperature")]))
+    assert (pooled - 260.0).abs().mean() < 0.5 * (pooled_free - 260.0).abs().mean()
+
+
+def test_scalar_targets_and_state_replacement(bmi_config: Path) -> None:
+    b = make(bmi_config)
+    n = b.get_grid_size(b.get_var_grid(PS_NAME))
+    b.set_value(PS_NAME, np.full(n, 95000.0))
+    np.testing.assert_allclose(b.get_value(PS_NAME, np.empty(n)), 95000.0)
+    assert b.get_value(PS_NAME + "_ensemble_spread", np.empty(n)).max() < 1e-3
+    dam = "atmosphere_dry_air__target_mass"
+    assert np.isnan(b.get_value(dam, np.empty(1)))[0]
+    # 4 frames x dry mass + 1 temperature mean = 5 observations: 5 CG iterations solve them jointly
+    free = make(bmi_config, guidance={"method": "mmps", "cg_iterations": 5})
+    guided = make(bmi_config, guidance={"method": "mmps", "cg_iterations": 5})
+    target = guided.component.m_ref * 1.002
+    guided.set_value(dam, np.array([target]))
+    guided.set_value("atmosphere_air__target_mean_temperature_increment", np.array([1.5]))
+    assert guided.get_value("atmosphere_air__target_mean_temperature_increment", np.empty(1))[0] == 1.5
+    free.update()
+    guided.update()
+    import torch
+
+    def rel_error(bmi: WindBmi) -> float:
+        x = torch.from_numpy(bmi.component.members_phys)[:, None]
+        return float((bmi.component.model.dry_air_mass(x) / target - 1).abs().max())
+
+    assert rel_error(guided) < 0.25 * rel_error(free)
+
+
+def test_restart_continuation_is_identical(bmi_config: Path, tmp_path: Path) -> None:
+    a = make(bmi_config)
+    a.update()
+    restart = tmp_path / "restart.safetensors"
+    a.save_restart(str(restart))
+    a.update()
+    b = make(bmi_config, restart_file=str(restart))
+    assert b.get_current_time() == 24.0
+    b.update()
+    n = a.get_grid_size(0)
+    np.testing.assert_array_equal(a.get_value(T_NAME, np.empty(n)), b.get_value(T_NAME, np.empty(n)))
+
+
+def test_every_input_variable_can_be_set(bmi_config: Path) -> None:
+    import torch
+
+    from wind_bmi.model.operators import AveragePoolOperator
+
+    b = make(bmi_config)
+    comp = b.component
+    scalars = {"dry_air_mass": comp.m_ref, "warming_kelvin": 1.0, "humidity_percent": 7.0}
+    for name in b.get_input_var_names():
+        spec = VARIABLE_TABLE[name]
+        n = b.get_grid_size(b.get_var_grid(name))
+        if spec.role == "scalar":
+            values = np.array([scalars[spec.variable]])
+        else:
+            state = comp.mean_phys[comp.channel_slice(spec.variable)].astype(np.float64) * spec.scale
+            if spec.role == "coarse":
+                values = AveragePoolOperator(4, comp.model.lat).pool(torch.from_numpy(state)).numpy().reshape(-1)
+            elif spec.role == "observed":
+                values = np.full(n, np.nan)
+                values[::7] = state.reshape(-1)[::7]
+            else:
+                values = state.reshape(-1)
+        b.set_value(name, values)
+        got = b.get_value(name, np.empty(n))
+        np.testing.assert_allclose(got, values, rtol=1e-6)
+    b.update()
+    assert np.isfinite(b.get_value(T_NAME, np.empty(b.get_grid_size(0)))).all()
+
+
+def test_bad_inputs_raise_clear_errors_and_leave_state_unchanged(bmi_config: Path, tmp_path: Path) -> None:
+    b = WindBmi()
+    with pytest.raises(RuntimeError, match="initialize"):
+        b.set_value(T_NAME, np.zeros(3))
+    b = make(bmi_config)
+    n = b.get_grid_size(0)
+    before = b.get_value(T_NAME, np.empty(n)).copy()
+    with pytest.raises(ValueError, match=f"{T_NAME}: expected {n} values"):
+        b.set_value(T_NAME, np.zeros(n - 1))
+    with pytest.raises(TypeError, match="numeric"):
+        b.set_value(T_NAME, np.array(["a"] * n))
+    bad = before.copy()
+    bad[3] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        b.set_value(T_NAME, bad)
+    with pytest.raises(ValueError, match="inf"):
+        b.set_value(T_OBS, np.full(n, np.inf))
+    with pytest.raises(KeyError, match="unknown variable 'atmosphere_air__colour'"):
+        b.set_value("atmosphere_air__colour", before)
+    with pytest.raises(IndexError, match="0..") as e:
+        b.set_value_at_indices(T_OBS, np.array([-1, 2]), np.array([1.0, 2.0]))
+    assert T_OBS in str(e.value)
+    with pytest.raises(IndexError):
+        b.set_value_at_indices(T_OBS, np.array([n]), np.array([1.0]))
+    with pytest.raises(KeyError, match="output only"):
+        b.set_value(T_NAME + "_ensemble_spread", before)
+    np.testing.assert_array_equal(b.get_value(T_NAME, np.empty(n)), before)
+    assert np.isnan(b.get_value(T_OBS, np.empty(n))).all()
+    assert b.get_current_time() == 0.0
+    b.finalize()
+    with pytest.raises(RuntimeError, match="finalized"):
+        b.get_value(T_NAME, before)
+    # configs pointing at missing or corrupt files
+    d = yaml.safe_load(bmi_config.read_text())
+    for key, value, match in (("model", str(tmp_path / "none.json"), "model"),
+                              ("initial_condition", str(tmp_path / "none.nc"), "initial_condition"),
+                              ("start_time", "1999-01-01", "start_time"),
+                              ("context_frames", 5, "context_frames")):
+        bad_cfg = tmp_path / f"bad_{key}.yaml"
+        bad_cfg.write_text(yaml.safe_dump({**d, key: value}))
+        with pytest.raises(ConfigError, match=match):
+            WindBmi().initialize(str(bad_cfg))
+    corrupt = tmp_path / "corrupt.nc"
+    corrupt.write_bytes(b"\x89HDF garbage")
+    bad_cfg = tmp_path / "bad_ic.yaml"
+    bad_cfg.write_text(yaml.safe_dump({**d, "initial_condition": str(corrupt)}))
+    with pytest.raises(ConfigError, match="initial_condition"):
+        WindBmi().initialize(str(bad_cfg))
