@@ -68,6 +68,14 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     return status
 
 
+def cmd_data_subset(args: argparse.Namespace) -> int:
+    from wind_bmi.data.speedy import write_subset
+
+    path = write_subset(args.src, args.out, args.start, args.days, drop=tuple(args.drop))
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from wind_bmi.training import run_training
 
@@ -102,6 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("paths", nargs="+")
     ins.add_argument("--json", action="store_true", help="print JSON")
     ins.set_defaults(func=cmd_data_inspect)
+
+    sub_ = dsub.add_parser("subset", help="cut a few days out of a dataset into one compact file (e.g. the shipped sample)")
+    sub_.add_argument("src", help="file or folder in a recognised layout")
+    sub_.add_argument("--out", required=True, help="output netCDF file")
+    sub_.add_argument("--start", required=True, help="first time kept, YYYY-MM-DD")
+    sub_.add_argument("--days", type=int, required=True, help="days kept")
+    sub_.add_argument("--drop", nargs="*", default=["geopotential"], help="variables left out")
+    sub_.set_defaults(func=cmd_data_subset)
 
     tr = sub.add_parser("train", help="train the prior with diffusion forcing (torchrun for DDP)")
     tr.add_argument("--config", required=True, help="YAML preset (kind: train)")

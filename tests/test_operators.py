@@ -1,0 +1,134 @@
+"""Observation operators: adjoints (dot-product test), dry air mass vs numpy, point = mask at nodes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import BOUNDS, gaussian_like_lats
+
+from wind_bmi.model.operators import (
+    AreaMeanOperator,
+    AveragePoolOperator,
+    DryAirMassOperator,
+    MaskOperator,
+    PointOperator,
+    SparseLinearOperator,
+    TemporalMeanOperator,
+)
+from wind_bmi.model.physics import cell_areas, latitude_weights
+
+T, C, H, W = 3, 4, 8, 16
+LAT = torch.tensor(gaussian_like_lats(H))
+LON = torch.arange(W, dtype=torch.float64) * 360.0 / W
+
+
+def linear_ops() -> dict[str, object]:
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(T, C, H, W, generator=g) < 0.1
+    rows = torch.randint(0, 5, (20,), generator=g)
+    cols = torch.randint(0, H * W, (20,), generator=g)
+    return {
+        "mask": MaskOperator(mask),
+        "pool": AveragePoolOperator(2, LAT, frames=[0, 2], channels=[1, 3]),
+        "temporal": TemporalMeanOperator([0, 1, 2]),
+        "sparse": SparseLinearOperator(rows, cols, torch.rand(20, generator=g, dtype=torch.float64), 5, 1, 2),
+        "points": PointOperator(torch.tensor([89.0, -89.5, 10.0, 0.0]), torch.tensor([359.0, 180.0, -170.0, 5.0]),
+                                LAT, LON, 2, 0),
+        "area_mean": AreaMeanOperator([0, 1], [1, 2], LAT, W, torch.zeros(C), torch.ones(C)),
+    }
+
+
+@pytest.mark.parametrize("name", list(linear_ops()))
+def test_linear_operator_adjoint_matches_autograd(name: str) -> None:
+    A = linear_ops()[name]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, T, C, H, W, generator=g, dtype=torch.float64)
+    y = A(x)  # type: ignore[operator]
+    v = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    _, vjp = torch.func.vjp(A, x)  # type: ignore[arg-type]
+    (ATv,) = vjp(v)
+    lhs = (A(x) * v).sum()  # type: ignore[operator]
+    rhs = (x * ATv).sum()
+    assert torch.allclose(lhs, rhs, rtol=1e-10)
+    # linearity: A(a x + b x') = a A(x) + b A(x')
+    x2 = torch.randn_like(x)
+    assert torch.allclose(A(2 * x - 3 * x2), 2 * A(x) - 3 * A(x2), atol=1e-10)  # type: ignore[operator]
+
+
+def test_average_pool_is_area_weighted_and_preserves_constants() -> None:
+    pool = AveragePoolOperator(2, LAT)
+    x = torch.ones(1, T, C, H, W)
+    assert torch.allclose(pool(x), torch.ones(1, T * C * (H // 2) * (W // 2)))
+    # the area-weighted global mean is preserved exactly (not the plain mean)
+    f = torch.randn(H, W, dtype=torch.float64)
+    a = cell_areas(LAT, W)
+    coarse = pool.pool(f)
+    ca = a.reshape(H // 2, 2, W // 2, 2).sum(dim=(1, 3))
+    assert torch.allclose((coarse * ca).sum() / ca.sum(), (f * a).sum() / a.sum())
+
+
+def test_point_observations_at_grid_nodes_equal_the_mask_operator() -> None:
+    g = torch.Generator().manual_seed(2)
+    ii = torch.randint(0, H, (6,), generator=g)
+    jj = torch.randint(0, W, (6,), generator=g)
+    pts = PointOperator(LAT[ii], LON[jj], LAT, LON, frame=1, channel=3)
+    x = torch.randn(2, T, C, H, W, generator=g, dtype=torch.float64)
+    assert torch.allclose(pts(x), x[:, 1, 3, ii, jj])
+    mask = torch.zeros(T, C, H, W, dtype=torch.bool)
+    mask[1, 3, ii, jj] = True
+    order = torch.argsort(ii * W + jj)
+    assert torch.allclose(pts(x)[:, order], MaskOperator(mask)(x))
+
+
+def test_point_observations_wrap_the_date_line_and_cross_the_pole() -> None:
+    x = torch.zeros(1, T, C, H, W, dtype=torch.float64)
+    x[0, 0, 0, :, 0] = 1.0  # the 0-degree column
+    half = float(LON[1]) / 2
+    east = PointOperator(torch.tensor([0.0]), torch.tensor([-half]), LAT, LON, 0, 0)  # between 360-d and 0
+    assert float(east(x)) == pytest.approx(0.5)
+    # beyond the last latitude row the stencil crosses the pole: at the pole itself half the weight
+    # goes to the last row on the far side (longitude + 180), a quarter of the way there a quarter
+    x2 = torch.zeros(1, T, C, H, W, dtype=torch.float64)
+    x2[0, 0, 0, -1, W // 2] = 2.0  # northern row, on the far side of the pole
+    p = PointOperator(torch.tensor([90.0]), torch.tensor([0.0]), LAT, LON, 0, 0)
+    assert float(p(x2)) == pytest.approx(2.0 * 0.5)
+    beyond = (float(LAT[-1]) + 90.0) / 2
+    p = PointOperator(torch.tensor([beyond]), torch.tensor([0.0]), LAT, LON, 0, 0)
+    assert float(p(x2)) == pytest.approx(2.0 * 0.25)
+    # a smooth field is interpolated accurately at random points, including across 0/360
+    la, lo = torch.meshgrid(torch.deg2rad(LAT), torch.deg2rad(LON), indexing="ij")
+    field = torch.cos(la) * torch.cos(lo)
+    x3 = torch.zeros(1, T, C, H, W, dtype=torch.float64)
+    x3[0, 0, 0] = field
+    plat = torch.tensor([10.0, -30.0, 45.0])
+    plon = torch.tensor([-1.0, 359.5, 100.0])
+    got = PointOperator(plat, plon, LAT, LON, 0, 0)(x3)[0]
+    want = (torch.cos(torch.deg2rad(plat)) * torch.cos(torch.deg2rad(plon))).double()
+    assert torch.allclose(got, want, atol=0.05)
+
+
+def test_dry_air_mass_matches_an_independent_numpy_computation() -> None:
+    rng = np.random.default_rng(0)
+    K = 3
+    ps = 1e5 + 500 * rng.standard_normal((H, W))
+    q = np.abs(5e-3 * rng.standard_normal((K, H, W)))
+    dsig = np.abs(BOUNDS[:, 0] - BOUNDS[:, 1])
+    # independent geometry: edges from numpy, area = R^2 |dsin| dlon
+    lat = gaussian_like_lats(H)
+    edges = np.concatenate([[-90.0], 0.5 * (lat[1:] + lat[:-1]), [90.0]])
+    dA = 6.371e6**2 * np.abs(np.diff(np.sin(np.deg2rad(edges))))[:, None] * (2 * np.pi / W) * np.ones((H, W))
+    want = np.sum(dA * (ps / 9.80665 - (q * dsig[:, None, None]).sum(axis=0) * ps / 9.80665))
+    mean = torch.zeros(1 + K, dtype=torch.float64)
+    std = torch.ones(1 + K, dtype=torch.float64)
+    x = torch.from_numpy(np.concatenate([ps[None], q]))[None, None]  # (1, 1, 1+K, H, W), "normalised" = physical
+    op = DryAirMassOperator(0, [1, 2, 3], torch.from_numpy(dsig), LAT, W, mean, std, m_ref=want, frames=[0])
+    assert float(op.mass(x)) == pytest.approx(want, rel=1e-12)
+    assert float(op(x)) == pytest.approx(1.0, rel=1e-12)
+    assert 5.0e18 < want < 5.3e18  # Earth-like (Trenberth & Smith 2005: 5.135e18 kg)
+
+
+def test_latitude_weights_have_mean_one_and_follow_area() -> None:
+    w = latitude_weights(LAT)
+    assert float(w.mean()) == pytest.approx(1.0)
+    assert w[H // 2] > w[0]
