@@ -1,0 +1,1 @@
+"""Scores, baselines and experiments (``wind-bmi evaluate``)."""
