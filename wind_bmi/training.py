@@ -96,7 +96,9 @@ def run_training(cfg: TrainConfig, data: str | None = None, out: str | None = No
         cfg = dataclasses.replace(cfg, out=out)
     started_dist = _init_distributed()
     try:
-        paths = [p for p in sorted(Path(cfg.data).iterdir()) if p.is_dir()] or [Path(cfg.data)]
+        # each sub-folder is one generator run (seed); folders still empty (being generated) are skipped
+        paths = [p for p in sorted(Path(cfg.data).iterdir()) if p.is_dir() and any(p.glob("*.nc"))] \
+            or [Path(cfg.data)]
         splits = build_splits(paths, cfg.variables, cfg.train_years, cfg.val_years, (), T=cfg.model.frames)
         grid = (len(splits.lat), len(splits.lon))
         torch.manual_seed(cfg.seed)
