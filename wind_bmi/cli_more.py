@@ -83,6 +83,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from wind_bmi.evaluation.experiments import run_evaluation
+
+    path = run_evaluation(args.task, args.data, args.out, quick=args.quick, model=args.model, seed=args.seed)
+    print(f"wrote {path} and {path.parent / 'report.md'}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from wind_bmi.evaluation.bench import run_bench
+
+    path = run_bench(args.out, quick=args.quick, model=args.model)
+    print(f"wrote {path} and {path.parent / 'bench.md'}")
+    return 0
+
+
 def add_commands(sub: Any) -> None:
     """Register the component-level subcommands on the ``wind-bmi`` parser."""
     run = sub.add_parser("run", help="drive WindBmi headless for the configured span; netCDF + quick-look PNG",
@@ -91,3 +107,19 @@ def add_commands(sub: Any) -> None:
     run.add_argument("config", help="YAML config (kind: bmi)")
     run.add_argument("--out", help="output folder (default: the folder of the config's output)")
     run.set_defaults(func=cmd_run)
+
+    ev = sub.add_parser("evaluate", help="the paper's experiments against baselines; metrics.json, report.md, figures",
+                        description="TASK: forecast, downscale, temporal, sparse, mass, warming or all.")
+    ev.add_argument("task", choices=["forecast", "downscale", "temporal", "sparse", "mass", "warming", "all"])
+    ev.add_argument("--data", required=True, help="held-out data (file or folder, any recognised layout)")
+    ev.add_argument("--out", required=True, help="output folder")
+    ev.add_argument("--quick", action="store_true", help="tiny sizes for CI (<= 3 minutes)")
+    ev.add_argument("--model", help="model card (default: the shipped prior)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.set_defaults(func=cmd_evaluate)
+
+    be = sub.add_parser("bench", help="benchmark windows, network, training and memory; bench.json + bench.md")
+    be.add_argument("--out", required=True, help="output folder")
+    be.add_argument("--quick", action="store_true", help="few repetitions, small sizes (for tests)")
+    be.add_argument("--model", help="model card (default: the shipped prior)")
+    be.set_defaults(func=cmd_bench)

@@ -1,0 +1,73 @@
+"""CLI and examples end to end on the shipped model: run, evaluate --quick, bench --quick, examples."""
+
+from __future__ import annotations
+
+import json
+import math
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import xarray as xr
+import yaml
+
+from wind_bmi.cli import main
+from wind_bmi.component import shipped_sample_path
+from wind_bmi.model.checkpoint import shipped_card_path
+
+pytestmark = pytest.mark.skipif(not shipped_card_path().exists(), reason="no shipped model")
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.fixture(scope="module")
+def fast_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    p = tmp_path_factory.mktemp("cfg") / "fast.yaml"
+    p.write_text(yaml.safe_dump({"kind": "bmi", "members": 2, "seed": 0, "sampler": {"steps": 4, "eta": 1.0},
+                                 "run_hours": 24.0}))
+    return p
+
+
+def test_run_writes_cf_netcdf_and_quicklook(fast_config: Path, tmp_path: Path) -> None:
+    assert main(["run", str(fast_config), "--out", str(tmp_path)]) == 0
+    ds = xr.open_dataset(tmp_path / "forecast.nc")
+    assert ds.sizes["time"] == 5  # the initial frame and 4 new 6-hourly frames
+    assert ds["temperature"].dims == ("time", "level", "lat", "lon")
+    assert ds["time"].encoding["calendar"] == "proleptic_gregorian"
+    assert ds["temperature"].attrs["units"] == "K" and float(ds["temperature_spread"].isel(time=-1).max()) > 0
+    assert (tmp_path / "quicklook.png").stat().st_size > 10_000
+
+
+def test_evaluate_all_quick_records(tmp_path: Path) -> None:
+    assert main(["evaluate", "all", "--data", str(shipped_sample_path()), "--out", str(tmp_path), "--quick"]) == 0
+    recs = json.loads((tmp_path / "metrics.json").read_text())
+    keys = {"task", "variable", "level", "lead_hours", "method", "metric", "value"}
+    assert recs and all(set(r) == keys for r in recs)
+    for task in ("forecast", "downscale", "temporal", "sparse", "mass", "warming"):
+        vals = [r["value"] for r in recs if r["task"] == task and r["metric"] != "ssr"]
+        assert vals and all(math.isfinite(v) for v in vals), task
+    methods = {r["method"] for r in recs}
+    assert {"wind", "persistence", "climatology", "bilinear", "bicubic", "kriging", "prior", "dps"} <= methods
+    assert any(r["metric"] == "relative_drift" and r["method"] == "prior" for r in recs)
+    assert (tmp_path / "report.md").exists() and list(tmp_path.glob("*.png"))
+
+
+def test_bench_quick_schema(tmp_path: Path) -> None:
+    assert main(["bench", "--quick", "--out", str(tmp_path)]) == 0
+    recs = json.loads((tmp_path / "bench.json").read_text())
+    names = {r["benchmark"] for r in recs}
+    assert {"window_seconds_guided_1member", "window_seconds_unguided_1member", "window_seconds_guided_8members",
+            "guided_unguided_ratio", "train_samples_per_second", "bf16_matmul_tflops", "network_utilisation",
+            "peak_rss_gb_8members_guided"} <= names
+    assert all(set(r) == {"benchmark", "value", "unit", "config"} and math.isfinite(r["value"]) for r in recs)
+
+
+@pytest.mark.parametrize("script", ["host_loop.py", "assimilate_points.py", "downscale.py"])
+def test_examples_run(script: str, fast_config: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", [script, str(fast_config)])
+    result = runpy.run_path(str(ROOT / "examples" / script), run_name="not_main")["main"]([str(fast_config)])
+    assert result
+    if script == "assimilate_points.py":
+        assert result["assimilated"] < result["free"]
+    if script == "downscale.py":
+        assert result["pool_back_rmse_K"] < 0.5

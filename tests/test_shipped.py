@@ -1,0 +1,94 @@
+"""End-to-end checks with the shipped prior on the shipped held-out sample (CPU)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from wind_bmi.component import shipped_sample_path
+from wind_bmi.data.layouts import open_any
+from wind_bmi.data.windows import Channel, stack_channels
+from wind_bmi.model.checkpoint import load_prior, shipped_card_path
+from wind_bmi.model.tasks import WindModel
+
+pytestmark = pytest.mark.skipif(not shipped_card_path().exists(), reason="no shipped model")
+
+
+@pytest.fixture(scope="module")
+def wm() -> WindModel:
+    return WindModel(load_prior(), "cpu", bf16=True, steps=16)
+
+
+@pytest.fixture(scope="module")
+def sample(wm: WindModel) -> torch.Tensor:
+    ds = open_any(shipped_sample_path())
+    frames = stack_channels(ds, [Channel(v, lv) for v, lv in wm.channels])
+    return torch.from_numpy(frames)  # (20, C, H, W) physical
+
+
+def test_shipped_model_loads_and_draws_a_window(wm: WindModel, sample: torch.Tensor) -> None:
+    card = wm.card
+    assert card["training"]["steps"] > 0 and card["provenance"]["train_years"]
+    size = shipped_card_path().with_suffix(".safetensors").stat().st_size
+    assert size <= 40e6
+    g = torch.Generator().manual_seed(0)
+    out = wm.forecast(sample[0], 24, members=2, generator=g)
+    assert out.shape == (2, 4, wm.C, wm.H, wm.W) and torch.isfinite(out).all()
+    t = out[:, :, wm.channel_index("temperature", 0.95)]
+    assert 200 < float(t.min()) and float(t.max()) < 330
+
+
+def _rmse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
+    return float(torch.sqrt(((a - b) ** 2)[mask].mean()))
+
+
+def test_sparse_reconstruction_beats_the_prior_and_honours_observations(wm: WindModel, sample: torch.Tensor) -> None:
+    truth = sample[0:5]  # one window
+    g = torch.Generator().manual_seed(1)
+    observed = torch.rand(truth.shape, generator=g) < 0.05
+    obs = torch.where(observed, truth, torch.full_like(truth, float("nan")))
+    sigma = 0.05 * wm.std.float()[:, None, None].expand_as(truth[0])  # 5 % of each channel's std
+    rec = wm.reconstruct(obs, members=1, sigma_y=0.05 * wm.std, generator=torch.Generator().manual_seed(2))[0]
+    prior = wm.reconstruct(torch.where(torch.rand(truth.shape, generator=g) < 1e-4, truth, torch.nan),
+                           members=1, generator=torch.Generator().manual_seed(2))[0]
+    norm = lambda x: wm.normalise(x)  # noqa: E731
+    unobs = ~observed
+    assert _rmse(norm(rec), norm(truth), unobs) < _rmse(norm(prior), norm(truth), unobs)
+    # observations honoured within ~2 sigma_y (normalised units: sigma_y = 0.05)
+    resid = (norm(rec) - norm(truth))[observed].abs()
+    assert float(resid.median()) < 2 * 0.05
+    assert sigma.shape == truth.shape[1:]
+
+
+def test_downscaling_pools_back_to_its_input(wm: WindModel, sample: torch.Tensor) -> None:
+    from wind_bmi.model.operators import AveragePoolOperator
+
+    truth = sample[5:10]
+    pool = AveragePoolOperator(4, wm.lat)
+    coarse = pool.pool(truth.double()).float()
+    sigma = 0.05 * wm.std
+    fine = wm.downscale(coarse, 4, members=1, sigma_y=sigma, generator=torch.Generator().manual_seed(3))[0]
+    back = pool.pool(fine.double())
+    err = ((back - coarse.double()) / wm.std[None, :, None, None]).abs()
+    assert float(err.median()) < 0.05 * 2
+    up = coarse.repeat_interleave(4, -2).repeat_interleave(4, -1)
+    assert _rmse(wm.normalise(fine), wm.normalise(truth), torch.ones_like(truth, dtype=torch.bool)) < \
+        1.5 * _rmse(wm.normalise(up), wm.normalise(truth), torch.ones_like(truth, dtype=torch.bool))
+
+
+def test_dry_air_mass_constrained_rollout_stays_within_1e4(wm: WindModel, sample: torch.Tensor) -> None:
+    init = sample[0]
+    m0 = float(wm.dry_air_mass(init[None, None])[0, 0])
+    days = 30
+    kw = {"steps": 8}
+    free = wm.rollout(init, days, generator=torch.Generator().manual_seed(4), **kw)
+    guided = wm.rollout(init, days, generator=torch.Generator().manual_seed(4),
+                        constraints=[wm.dry_air_mass_constraint(m0, 1e-5)], **kw)
+    drift_free = (wm.dry_air_mass(free) / m0 - 1).abs()
+    drift_guided = (wm.dry_air_mass(guided) / m0 - 1).abs()
+    assert torch.isfinite(guided).all() and guided.shape[1] == days * 4
+    assert float(drift_guided.max()) < 1e-4
+    assert float(drift_free.max()) > float(drift_guided.max())
+    print(f"30-day rollout: max relative DAM drift free {float(drift_free.max()):.2e}, "
+          f"guided {float(drift_guided.max()):.2e}")

@@ -1,0 +1,150 @@
+"""``wind-bmi bench``: speed and memory of a guided window, the network and training.
+
+Writes ``bench.json`` (flat records ``{benchmark, value, unit, config}``) and ``bench.md``.
+All figures are measured in one run on the machine at hand; nothing is asserted here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from wind_bmi.component import shipped_sample_path
+from wind_bmi.data.layouts import open_any
+from wind_bmi.data.windows import Channel, stack_channels
+from wind_bmi.model.checkpoint import build_network, load_prior
+from wind_bmi.model.operators import MaskOperator, Observation
+from wind_bmi.model.tasks import WindModel
+
+
+def _time(fn: Any, reps: int) -> float:
+    fn()  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) / reps
+
+
+def matmul_tflops(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    a = torch.randn(n, n, dtype=dtype)
+    b = torch.randn(n, n, dtype=dtype)
+    return 2 * n**3 / _time(lambda: a @ b, reps) / 1e12
+
+
+def run_bench(out: str | Path, quick: bool = False, model: str | None = None) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    recs: list[dict[str, Any]] = []
+
+    def add(name: str, value: float, unit: str, **config: Any) -> None:
+        recs.append({"benchmark": name, "value": float(value), "unit": unit, "config": config})
+        print(f"{name:40s} {value:10.4g} {unit} {config}", flush=True)
+
+    reps = 1 if quick else 3
+    steps = 4 if quick else 32
+    threads = torch.get_num_threads()
+    add("bf16_matmul_tflops", matmul_tflops(torch.bfloat16, 1024 if quick else 2048), "TFLOP/s", threads=threads)
+    add("fp32_matmul_tflops", matmul_tflops(torch.float32, 1024 if quick else 2048), "TFLOP/s", threads=threads)
+    bf16_peak = recs[0]["value"]
+
+    prior = load_prior(model)
+    wm = WindModel(prior, "cpu", bf16=True, steps=steps)
+    net = prior.net
+    z = torch.randn(1, wm.T, wm.C, wm.H, wm.W)
+    with FlopCounterMode(display=False) as fc:
+        net(z)
+    fwd_flops = fc.get_total_flops()
+    for dt_name, bf16 in (("bf16", True), ("fp32", False)):
+        def fwd() -> None:
+            with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+                net(z)
+        t = _time(fwd, reps)
+        add(f"network_forward_seconds_{dt_name}", t, "s", batch=1)
+        add(f"network_forward_tflops_{dt_name}", fwd_flops / t / 1e12, "TFLOP/s", batch=1)
+
+    # training throughput with a trainable copy of the shipped architecture
+    train_net = build_network(prior.card)
+    opt = torch.optim.AdamW(train_net.parameters(), 1e-4)
+    B = 8
+    xb = torch.randn(B, wm.T, wm.C, wm.H, wm.W)
+
+    def train_step() -> None:
+        with torch.autocast("cpu", torch.bfloat16):
+            y = train_net(xb)
+        loss = (y.float() - xb).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    t = _time(train_step, reps)
+    add("train_samples_per_second", B / t, "samples/s", batch=B, bf16=True)
+    train_tflops = 3 * fwd_flops * B / t / 1e12  # forward + backward ~ 3x forward
+    add("network_utilisation", train_tflops / bf16_peak, "fraction of bf16 matmul", train_tflops=train_tflops)
+
+    # guided vs unguided 24-h windows (1 context frame, 4 new frames)
+    ds = open_any(shipped_sample_path())
+    frames = torch.from_numpy(stack_channels(ds.isel(time=slice(0, 5)), [Channel(v, lv) for v, lv in wm.channels]))
+    x0 = wm.normalise(frames)
+    mask_ctx = torch.zeros(wm.T, dtype=torch.bool)
+    mask_ctx[0] = True
+    obs_mask = torch.zeros(wm.T, wm.C, wm.H, wm.W, dtype=torch.bool)
+    obs_mask[-1] = torch.rand(wm.C, wm.H, wm.W, generator=torch.Generator().manual_seed(0)) < 0.05
+
+    def window(members: int, cg: int | None) -> float:
+        ctx = x0[None].expand(members, -1, -1, -1, -1).contiguous()
+        obs = []
+        if cg is not None:
+            obs = [Observation(MaskOperator(obs_mask), x0[obs_mask][None].expand(members, -1), 0.01)]
+        g = torch.Generator().manual_seed(1)
+        return _time(lambda: wm.sample(ctx, mask_ctx, obs, g, cg_iterations=cg or 1), reps)
+
+    t_unguided = window(1, None)
+    add("window_seconds_unguided_1member", t_unguided, "s", steps=steps, advance_hours=24)
+    t_guided = window(1, 1)
+    add("window_seconds_guided_1member", t_guided, "s", steps=steps, cg_iterations=1)
+    add("window_seconds_guided_1member_cg3", window(1, 3), "s", steps=steps, cg_iterations=3)
+    add("guided_unguided_ratio", t_guided / t_unguided, "ratio", steps=steps)
+    add("window_seconds_unguided_8members", window(8, None), "s", steps=steps)
+    t8 = window(8, 1)
+    add("window_seconds_guided_8members", t8, "s", steps=steps, cg_iterations=1)
+    add("guided_8_vs_1_member_ratio", t8 / t_guided, "ratio", steps=steps)
+    add("peak_rss_gb_8members_guided", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, "GB",
+        note="peak RSS of the bench process, which includes the 8-member guided window")
+
+    # bf16 vs fp32 sampling difference on the sample (same noise)
+    ctx = x0[None]
+    a = wm.sample(ctx, mask_ctx, [], torch.Generator().manual_seed(2))
+    wm32 = WindModel(prior, "cpu", bf16=False, steps=steps)
+    b = wm32.sample(ctx, mask_ctx, [], torch.Generator().manual_seed(2))
+    add("bf16_vs_fp32_window_rms_difference", float(torch.sqrt(((a - b) ** 2).mean())), "normalised units",
+        note="same generator; 1 = one climatological standard deviation")
+
+    # scaling with grid size (same architecture, random weights)
+    card = dict(prior.card)
+    for factor, label in ((0.5, "4x_smaller"), (2.0, "4x_larger")):
+        if quick and factor > 1:
+            continue
+        H, W = int(wm.H * factor), int(wm.W * factor)
+        c2 = {**card, "grid": {"lat": list(range(H)), "lon": list(range(W))}}
+        net2 = build_network(c2).eval()
+        z2 = torch.randn(1, wm.T, wm.C, H, W)
+
+        def unguided_window(n: Any = net2, zz: torch.Tensor = z2) -> None:
+            with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+                for _ in range(steps):
+                    n(zz)
+        add(f"window_seconds_unguided_grid_{label}", _time(unguided_window, reps), "s", grid=[H, W], steps=steps)
+
+    tmp = out / "bench.json.tmp"
+    tmp.write_text(json.dumps(recs, indent=1))
+    os.replace(tmp, out / "bench.json")
+    lines = ["| benchmark | value | unit | config |", "|---|---|---|---|"]
+    lines += [f"| {r['benchmark']} | {r['value']:.4g} | {r['unit']} | {json.dumps(r['config'])} |" for r in recs]
+    (out / "bench.md").write_text("\n".join(lines) + "\n")
+    return out / "bench.json"

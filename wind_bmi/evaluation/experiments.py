@@ -1,0 +1,325 @@
+"""``wind-bmi evaluate``: the paper's experiments on held-out data, against baselines.
+
+Every experiment appends flat records ``{task, variable, level, lead_hours, method, metric, value}``
+to ``metrics.json``; ``report.md`` tabulates them and PNG figures are written beside them.
+Physical units throughout; RMSE latitude-weighted (WeatherBench2 conventions, see ``scores``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from wind_bmi.data.layouts import open_any
+from wind_bmi.data.windows import Channel, stack_channels
+from wind_bmi.evaluation import scores
+from wind_bmi.model.checkpoint import load_prior
+from wind_bmi.model.operators import AveragePoolOperator
+from wind_bmi.model.tasks import WindModel
+
+TASKS = ("forecast", "downscale", "temporal", "sparse", "mass", "warming")
+# headline channels: (variable, sigma level or None)
+HEADLINE = (("temperature", 0.51), ("u_wind", 0.2), ("specific_humidity", 0.835), ("surface_pressure", None))
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """Sizes of the experiments (``quick`` for CI, ``full`` for the committed report)."""
+
+    init_dates: int
+    members: int
+    forecast_hours: float
+    steps: int
+    windows: int
+    mass_days: float
+    warming_days: float
+
+
+QUICK = Budget(init_dates=1, members=2, forecast_hours=24, steps=6, windows=1, mass_days=1, warming_days=1)
+FULL = Budget(init_dates=8, members=8, forecast_hours=14 * 24, steps=16, windows=4, mass_days=60, warming_days=3)
+
+
+class Evaluation:
+    """Holds the model, the truth frames and the collected records."""
+
+    def __init__(self, data: str | Path, out: str | Path, budget: Budget, model: str | None = None,
+                 seed: int = 0) -> None:
+        self.wm = WindModel(load_prior(model), "cpu", bf16=True, steps=budget.steps)
+        self.b = budget
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        ds = open_any(data)
+        self.times = list(ds["time"].values)
+        self.truth = torch.from_numpy(stack_channels(ds, [Channel(v, lv) for v, lv in self.wm.channels]))
+        if self.truth.shape[-2:] != (self.wm.H, self.wm.W):
+            raise ValueError(f"{data}: grid {tuple(self.truth.shape[-2:])} differs from the model's "
+                             f"{(self.wm.H, self.wm.W)}; regrid first")
+        self.land = None
+        if "land_sea_mask" in ds:
+            lsm = ds["land_sea_mask"]
+            self.land = np.asarray(lsm.isel(time=0).values if "time" in lsm.dims else lsm.values)
+        self.lat = self.wm.lat.numpy()
+        self.records: list[dict[str, Any]] = []
+        self.seed = seed
+
+    # -- helpers ---------------------------------------------------------------------
+    def gen(self, k: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 1000 + k)
+
+    def headline(self) -> list[tuple[str, float | None, int]]:
+        out = []
+        for v, lv in HEADLINE:
+            try:
+                out.append((v, lv, self.wm.channel_index(v, lv)))
+            except KeyError:
+                continue
+        return out
+
+    def add(self, task: str, variable: str, level: float | None, lead: float, method: str, metric: str,
+            value: float) -> None:
+        self.records.append({"task": task, "variable": variable, "level": level, "lead_hours": float(lead),
+                             "method": method, "metric": metric, "value": float(value)})
+
+    def starts(self, need: int) -> list[int]:
+        last = len(self.times) - need
+        if last < 0:
+            raise ValueError(f"the data has {len(self.times)} frames; this experiment needs {need}")
+        n = min(self.b.init_dates, last + 1)
+        return [int(round(i)) for i in np.linspace(0, last, n)]
+
+    # -- experiments -----------------------------------------------------------------------
+    def forecast(self) -> None:
+        n = math.ceil(self.b.forecast_hours / 6)
+        clim = self.truth.mean(dim=0)
+        per_lead: dict[tuple[str, int], list[float]] = {}
+        for k, s in enumerate(self.starts(n + 1)):
+            ens = self.wm.forecast(self.truth[s], n * 6, self.b.members, self.gen(k))  # (M, n, C, H, W)
+            truth = self.truth[s + 1: s + 1 + n]
+            for var, lv, c in self.headline():
+                for j in range(n):
+                    y = truth[j, c].numpy()
+                    x = ens[:, j, c].numpy()
+                    vals = {
+                        ("wind", "rmse"): scores.rmse(x.mean(axis=0), y, self.lat),
+                        ("wind", "crps"): scores.crps_fair(x, y, self.lat) if x.shape[0] > 1 else np.nan,
+                        ("wind", "ssr"): scores.spread_skill_ratio(x, y, self.lat) if x.shape[0] > 1 else np.nan,
+                        ("persistence", "rmse"): scores.rmse(self.truth[s, c].numpy(), y, self.lat),
+                        ("climatology", "rmse"): scores.rmse(clim[c].numpy(), y, self.lat),
+                    }
+                    for (method, metric), v in vals.items():
+                        per_lead.setdefault((f"{var}|{lv}|{(j + 1) * 6}|{method}|{metric}", 0), []).append(float(v))
+        for (key, _), vals in per_lead.items():
+            var, lv, lead, method, metric = key.split("|")
+            self.add("forecast", var, None if lv == "None" else float(lv), float(lead), method, metric,
+                     float(np.nanmean(vals)))
+
+    def downscale(self) -> None:
+        from scipy.ndimage import zoom
+
+        pool = AveragePoolOperator(4, self.wm.lat)
+        T = self.wm.T
+        for k, s in enumerate(self.starts(T)[: self.b.windows]):
+            truth = self.truth[s:s + T]
+            coarse = pool.pool(truth.double()).float()
+            fine = self.wm.downscale(coarse, 4, 1, sigma_y=0.02 * self.wm.std, generator=self.gen(100 + k))[0]
+            c_np = coarse.numpy()
+            # periodic in longitude: pad before zooming, crop after
+            padded = np.concatenate([c_np[..., -2:], c_np, c_np[..., :2]], axis=-1)
+            interp = {m: zoom(padded, (1, 1, 4, 4), order=o, mode="nearest")[..., 8:-8]
+                      for m, o in (("bilinear", 1), ("bicubic", 3))}
+            for var, lv, c in self.headline():
+                y = truth[:, c].numpy()
+                self.add("downscale", var, lv, 0, "wind", "rmse", scores.rmse(fine[:, c].numpy(), y, self.lat).mean())
+                for m, arr in interp.items():
+                    self.add("downscale", var, lv, 0, m, "rmse", scores.rmse(arr[:, c], y, self.lat).mean())
+                if k == 0:
+                    spec = {m: scores.zonal_power_spectrum(a, self.lat).mean(axis=0) for m, a in
+                            (("truth", y), ("wind", fine[:, c].numpy()), ("bilinear", interp["bilinear"][:, c]))}
+                    self._spectrum_figure(spec, f"downscale_spectrum_{var}.png", f"{var} {lv}")
+
+    def temporal(self) -> None:
+        T = self.wm.T
+        for k, s in enumerate(self.starts(T)[: self.b.windows]):
+            truth = self.truth[s:s + T]
+            mean = truth.mean(dim=0)
+            out = self.wm.temporal_downscale(mean, 1, sigma_y=0.02 * self.wm.std, generator=self.gen(200 + k))[0]
+            for var, lv, c in self.headline():
+                y = truth[:, c].numpy()
+                self.add("temporal", var, lv, 0, "wind", "rmse", scores.rmse(out[:, c].numpy(), y, self.lat).mean())
+                self.add("temporal", var, lv, 0, "persistence", "rmse",
+                         scores.rmse(np.broadcast_to(mean[c].numpy(), y.shape), y, self.lat).mean())
+
+    def sparse(self) -> None:
+        T = self.wm.T
+        for frac in (0.01, 0.05):
+            for k, s in enumerate(self.starts(T)[: self.b.windows]):
+                truth = self.truth[s:s + T]
+                g = self.gen(300 + k)
+                observed = torch.rand(truth.shape[0], 1, *truth.shape[2:], generator=g) < frac
+                observed = observed.expand_as(truth)
+                obs = torch.where(observed, truth, torch.full_like(truth, float("nan")))
+                sig = 0.02 * self.wm.std
+                results = {
+                    "wind": self.wm.reconstruct(obs, 1, sigma_y=sig, generator=self.gen(400 + k))[0],
+                    "dps": self.wm.reconstruct(obs, 1, sigma_y=sig, generator=self.gen(400 + k), method="dps")[0],
+                    "prior": self.wm.forecast(truth[0], T * 6, 1, self.gen(500 + k))[0, :T],
+                    "kriging": torch.from_numpy(kriging(obs.numpy(), self.lat, self.wm.lon.numpy())),
+                }
+                unobs = ~observed
+                for var, lv, c in self.headline():
+                    y = truth[:, c]
+                    m = unobs[:, c]
+                    for method, est in results.items():
+                        err = float(torch.sqrt(((est[:, c] - y) ** 2)[m].mean()))
+                        self.add("sparse", var, lv, frac * 100, method, "rmse_unobserved", err)
+
+    def mass(self) -> None:
+        init = self.truth[0]
+        m0 = float(self.wm.dry_air_mass(init[None, None])[0, 0])
+        series = {}
+        for method, cons in (("prior", []), ("wind", [self.wm.dry_air_mass_constraint(m0, 1e-5)])):
+            x = self.wm.rollout(init, self.b.mass_days, 1, self.gen(600), constraints=cons)
+            drift = (self.wm.dry_air_mass(x)[0] / m0 - 1).numpy()
+            series[method] = drift
+            for j in range(0, drift.size, max(1, drift.size // 20)):
+                self.add("mass", "dry_air_mass", None, (j + 1) * 6, method, "relative_drift", float(drift[j]))
+            self.add("mass", "dry_air_mass", None, drift.size * 6, method, "relative_drift", float(drift[-1]))
+        self._series_figure(series, "mass_drift.png", "relative dry-air-mass drift")
+
+    def warming(self) -> None:
+        init = self.truth[0]
+        pc = self.wm.channel_index("precipitation")
+        tc = self.wm.channels_of("temperature")
+        out = {}
+        for method, dt in (("prior", 0.0), ("wind", 2.0)):
+            if dt:
+                x = self.wm.warming(init, self.b.warming_days, 1, delta_t=dt, humidity_percent=14.0,
+                                    generator=self.gen(700))
+            else:
+                x = self.wm.rollout(init, self.b.warming_days, 1, self.gen(700))
+            w = torch.from_numpy(scores.latitude_weights(self.lat))[:, None].float()
+            out[method] = (float((x[0][:, tc] * w).mean()), float(np.percentile(x[0][:, pc].numpy(), 99)))
+        for method, (t_mean, p99) in out.items():
+            self.add("warming", "temperature", None, self.b.warming_days * 24, method, "mean", t_mean)
+            self.add("warming", "precipitation", None, self.b.warming_days * 24, method, "p99", p99)
+        dT = out["wind"][0] - out["prior"][0]
+        dP = out["wind"][1] / max(out["prior"][1], 1e-12) - 1
+        self.add("warming", "precipitation", None, self.b.warming_days * 24, "wind", "p99_change_percent_per_K",
+                 100 * dP / dT if abs(dT) > 1e-6 else float("nan"))
+
+    # -- outputs ---------------------------------------------------------------------------
+    def _spectrum_figure(self, spec: dict[str, np.ndarray], name: str, title: str) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 3.5), constrained_layout=True)
+        for k, v in spec.items():
+            ax.loglog(np.arange(1, v.size), v[1:], label=k)
+        ax.set_xlabel("zonal wavenumber")
+        ax.set_ylabel("power")
+        ax.set_title(title)
+        ax.legend()
+        fig.savefig(self.out / name, dpi=90)
+        plt.close(fig)
+
+    def _series_figure(self, series: dict[str, np.ndarray], name: str, ylabel: str) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 3.5), constrained_layout=True)
+        for k, v in series.items():
+            ax.plot(np.arange(1, v.size + 1) * 6 / 24, v, label=k)
+        ax.set_xlabel("days")
+        ax.set_ylabel(ylabel)
+        ax.legend()
+        fig.savefig(self.out / name, dpi=90)
+        plt.close(fig)
+
+    def skill_figure(self) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        recs = [r for r in self.records if r["task"] == "forecast" and r["metric"] == "rmse"]
+        if not recs:
+            return
+        vars_ = sorted({(r["variable"], r["level"]) for r in recs}, key=str)
+        fig, axes = plt.subplots(1, len(vars_), figsize=(4 * len(vars_), 3.2), constrained_layout=True, squeeze=False)
+        for ax, (v, lv) in zip(axes[0], vars_, strict=False):
+            for method in ("wind", "persistence", "climatology"):
+                pts = sorted((r["lead_hours"], r["value"]) for r in recs
+                             if r["variable"] == v and r["level"] == lv and r["method"] == method)
+                ax.plot([p[0] / 24 for p in pts], [p[1] for p in pts], marker=".", label=method)
+            ax.set_title(f"{v} {lv if lv is not None else ''}")
+            ax.set_xlabel("lead (days)")
+            ax.set_ylabel("RMSE")
+        axes[0][0].legend()
+        fig.savefig(self.out / "forecast_rmse.png", dpi=90)
+        plt.close(fig)
+
+    def write(self) -> None:
+        tmp = self.out / "metrics.json.tmp"
+        tmp.write_text(json.dumps(self.records, indent=1))
+        os.replace(tmp, self.out / "metrics.json")
+        lines = ["| task | variable | level | lead (h) | method | metric | value |", "|---|---|---|---|---|---|---|"]
+        for r in self.records:
+            lines.append(f"| {r['task']} | {r['variable']} | {r['level'] if r['level'] is not None else ''} | "
+                         f"{r['lead_hours']:g} | {r['method']} | {r['metric']} | {r['value']:.4g} |")
+        (self.out / "report.md").write_text("# wind-bmi evaluation\n\n" + "\n".join(lines) + "\n")
+
+
+def kriging(obs: np.ndarray, lat: np.ndarray, lon: np.ndarray, length_km: float = 1000.0,
+            nugget: float = 0.05) -> np.ndarray:
+    """Simple kriging per frame and channel on the sphere (exponential kernel of great-circle distance).
+
+    ``obs``: ``(T, C, H, W)`` with NaN where unobserved; the mean is the observations' mean.
+    """
+    T, C, H, W = obs.shape
+    la, lo = np.meshgrid(np.deg2rad(lat), np.deg2rad(lon), indexing="ij")
+    xyz = np.stack([np.cos(la) * np.cos(lo), np.cos(la) * np.sin(lo), np.sin(la)], axis=-1).reshape(-1, 3)
+    out = np.empty_like(obs)
+    for t in range(T):
+        for c in range(C):
+            f = obs[t, c].reshape(-1)
+            m = np.isfinite(f)
+            if m.sum() < 2:
+                out[t, c] = np.nanmean(f) if m.any() else 0.0
+                continue
+            p = xyz[m]
+            d_oo = np.arccos(np.clip(p @ p.T, -1, 1)) * 6371.0
+            d_go = np.arccos(np.clip(xyz @ p.T, -1, 1)) * 6371.0
+            mu, sd = f[m].mean(), f[m].std() + 1e-12
+            K = np.exp(-d_oo / length_km) + nugget * np.eye(m.sum())
+            wts = np.linalg.solve(K, (f[m] - mu) / sd)
+            out[t, c] = (mu + sd * np.exp(-d_go / length_km) @ wts).reshape(H, W)
+    return out
+
+
+def run_evaluation(task: str, data: str | Path, out: str | Path, quick: bool = False, model: str | None = None,
+                   seed: int = 0) -> Path:
+    """Run one task (or ``all``) and write ``metrics.json``, ``report.md`` and figures into ``out``."""
+    tasks = TASKS if task == "all" else (task,)
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"TASK must be one of {TASKS + ('all',)}, got {task!r}")
+    ev = Evaluation(data, out, QUICK if quick else FULL, model, seed)
+    t0 = time.perf_counter()
+    for t in tasks:
+        getattr(ev, t)()
+        print(f"{t}: done ({time.perf_counter() - t0:.0f} s)", flush=True)
+    ev.skill_figure()
+    ev.write()
+    return Path(out) / "metrics.json"
