@@ -28,7 +28,6 @@ lint: $(STAMP)
 test: $(STAMP) lint
 	$(BIN)/pytest -q tests
 	$(BIN)/bmi-test wind_bmi:WindBmi --config-file=$(CURDIR)/config/bmi_test.yaml --root-dir=$(CURDIR)/tests/bmi_root -q
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/mpiexec -n 2 $(BIN)/pytest -q -p no:cacheprovider tests/mpi --with-mpi
 
 bench: $(STAMP)
 	$(BIN)/wind-bmi bench --out out/bench

@@ -13,11 +13,11 @@ import datetime as dt
 
 import numpy as np
 import torch
+from wind_bmi.model.operators import AveragePoolOperator
 
 from wind_bmi import WindBmi
 from wind_bmi.data.layouts import open_any
 from wind_bmi.data.windows import Channel, stack_channels
-from wind_bmi.model.operators import AveragePoolOperator
 
 COARSE = "atmosphere_air__coarse_temperature"
 NAME = "atmosphere_air__temperature"

@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-
 from wind_bmi.model.network import UViT
 from wind_bmi.model.schedule import CosineVPSchedule
 

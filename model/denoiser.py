@@ -12,7 +12,6 @@ from typing import Protocol
 
 import torch
 from torch import Tensor, nn
-
 from wind_bmi.model.schedule import CosineVPSchedule
 
 

@@ -21,7 +21,6 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
-
 from wind_bmi.model.denoiser import Denoiser
 from wind_bmi.model.operators import Observation
 
@@ -75,7 +74,7 @@ class MMPSDenoiser:
             x_hat = self.denoiser(z, t)
             x0 = x_hat.detach()
             A = self.obs.A
-            y_hat, A_vjp = torch.func.vjp(A, x0)
+            y_hat, A_vjp = torch.func.vjp(A, x0)  # type: ignore[misc]
             y = self.obs.target(y_hat)
             var = self.obs.variances(y_hat)
 

@@ -53,7 +53,7 @@ class ResBlock(nn.Module):
         self.n2 = nn.GroupNorm(_groups(cout), cout)
         self.c2 = SphereConv(cout, cout)
         nn.init.zeros_(self.c2.conv.weight)
-        nn.init.zeros_(self.c2.conv.bias)
+        nn.init.zeros_(self.c2.conv.bias)  # type: ignore[arg-type]
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -137,7 +137,7 @@ class UViT(nn.Module):
         self.out_norm = nn.GroupNorm(_groups(channels[0]), channels[0])
         self.out = SphereConv(channels[0], in_channels * in_patch**2)
         nn.init.zeros_(self.out.conv.weight)
-        nn.init.zeros_(self.out.conv.bias)
+        nn.init.zeros_(self.out.conv.bias)  # type: ignore[arg-type]
 
     def forward(self, z: Tensor) -> Tensor:
         """Clean-window estimate ``x_hat`` of shape ``(B, T, C, H, W)`` from the noisy window ``z``."""
@@ -150,7 +150,7 @@ class UViT(nn.Module):
         h = self.stem(h)  # per-frame convs
         skips = []
         for i, blocks in enumerate(self.down):
-            for blk in blocks:
+            for blk in blocks:  # type: ignore[attr-defined]
                 h = blk(h)
             skips.append(h)
             if i < len(self.downsample):
@@ -158,7 +158,7 @@ class UViT(nn.Module):
         h = h + self._transformer(h, B, T)
         for j, blocks in enumerate(self.up):
             h = torch.cat([h, skips.pop()], dim=1)
-            for blk in blocks:
+            for blk in blocks:  # type: ignore[attr-defined]
                 h = blk(h)
             if j < len(self.upsample):
                 h = self.upsample[j](F.interpolate(h, scale_factor=2.0, mode="nearest"))

@@ -15,7 +15,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
-
 from wind_bmi.model.physics import cell_areas, dry_air_mass
 
 Operator = Callable[[Tensor], Tensor]

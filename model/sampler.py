@@ -19,7 +19,6 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
-
 from wind_bmi.model.schedule import CosineVPSchedule
 
 DenoiseFn = Callable[[Tensor, Tensor], Tensor]

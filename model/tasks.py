@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
-
 from wind_bmi.model.checkpoint import Prior
 from wind_bmi.model.denoiser import PriorDenoiser
 from wind_bmi.model.guidance import guided
@@ -119,7 +119,7 @@ class WindModel:
 
     # -- tasks -----------------------------------------------------------------
     def forecast(self, initial: Tensor, lead_hours: float, members: int, generator: torch.Generator | None = None,
-                 context_frames: int = 1, constraints: Sequence[Constraint] = (), **kw: object) -> Tensor:
+                 context_frames: int = 1, constraints: Sequence[Constraint] = (), **kw: Any) -> Tensor:
         """Ensemble forecast from clean initial frames.
 
         Args:
@@ -138,7 +138,7 @@ class WindModel:
         return self.denormalise(frames)
 
     def rollout_normalised(self, context: Tensor, n_frames: int, generator: torch.Generator | None, context_frames: int,
-                           constraints: Sequence[Constraint] = (), **kw: object) -> Tensor:
+                           constraints: Sequence[Constraint] = (), **kw: Any) -> Tensor:
         """Window after window: the newest ``context_frames`` frames stay clean; returns ``n_frames`` new frames."""
         if not 1 <= context_frames < self.T:
             raise ValueError(f"context_frames must be in 1..{self.T - 1}, got {context_frames}")
@@ -159,12 +159,12 @@ class WindModel:
         return torch.cat(out, dim=1)[:, :n_frames]
 
     def rollout(self, initial: Tensor, days: float, members: int = 1, generator: torch.Generator | None = None,
-                constraints: Sequence[Constraint] = (), context_frames: int = 1, **kw: object) -> Tensor:
+                constraints: Sequence[Constraint] = (), context_frames: int = 1, **kw: Any) -> Tensor:
         """Long run (``days``) window after window with ``constraints`` applied in every window."""
         return self.forecast(initial, days * 24.0, members, generator, context_frames, constraints, **kw)
 
     def downscale(self, coarse: Tensor, k: int, members: int = 1, sigma_y: float | Tensor = 0.0,
-                  generator: torch.Generator | None = None, **kw: object) -> Tensor:
+                  generator: torch.Generator | None = None, **kw: Any) -> Tensor:
         """Spatial downscaling: fine windows whose ``k x k`` area-weighted means match ``coarse``.
 
         Args:
@@ -184,7 +184,7 @@ class WindModel:
         return self.denormalise(x)
 
     def temporal_downscale(self, means: Tensor, members: int = 1, sigma_y: float | Tensor = 0.0,
-                           generator: torch.Generator | None = None, **kw: object) -> Tensor:
+                           generator: torch.Generator | None = None, **kw: Any) -> Tensor:
         """Windows whose frame mean equals ``means`` (physical ``(C, H, W)``, e.g. a daily mean)."""
         self._check(means, "means")
         op = TemporalMeanOperator(range(self.T))
@@ -195,7 +195,7 @@ class WindModel:
         return self.denormalise(x)
 
     def reconstruct(self, observations: Tensor, members: int = 1, sigma_y: float | Tensor = 0.0,
-                    generator: torch.Generator | None = None, **kw: object) -> Tensor:
+                    generator: torch.Generator | None = None, **kw: Any) -> Tensor:
         """Sparse reconstruction: ``observations`` physical ``(T, C, H, W)`` with NaN where unobserved."""
         if observations.shape != (self.T, self.C, self.H, self.W):
             raise ValueError(f"observations: expected {(self.T, self.C, self.H, self.W)}, got {tuple(observations.shape)}")
@@ -251,7 +251,7 @@ class WindModel:
 
     def warming(self, initial: Tensor, days: float, members: int = 1, delta_t: float = 2.0,
                 humidity_percent: float = 14.0, generator: torch.Generator | None = None,
-                region: Tensor | None = None, **kw: object) -> Tensor:
+                region: Tensor | None = None, **kw: Any) -> Tensor:
         """Warming scenario: roll out with area-mean T raised by ``delta_t`` K and q by ``humidity_percent`` %.
 
         Targets are relative to the initial state's area means; returns ``(members, frames, C, H, W)``.

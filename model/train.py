@@ -27,7 +27,6 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-
 from wind_bmi.model.schedule import CosineVPSchedule
 
 BatchFn = Callable[[Sequence[int]], Tensor]  # window indices -> (B, T, C, H, W) float32

@@ -98,8 +98,8 @@ def test_coarse_input_is_honoured(bmi_config: Path) -> None:
     b.set_value(name, target)
     b.update()
     comp = b.component
-    from wind_bmi.model.operators import AveragePoolOperator
     import torch
+    from wind_bmi.model.operators import AveragePoolOperator
 
     pooled = AveragePoolOperator(4, comp.model.lat).pool(torch.from_numpy(comp.mean_phys[comp.channel_slice("temperature")]))
     free = make(bmi_config)
@@ -150,7 +150,6 @@ def test_restart_continuation_is_identical(bmi_config: Path, tmp_path: Path) -> 
 
 def test_every_input_variable_can_be_set(bmi_config: Path) -> None:
     import torch
-
     from wind_bmi.model.operators import AveragePoolOperator
 
     b = make(bmi_config)

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import xarray as xr
 import yaml
+from wind_bmi.model.checkpoint import shipped_card_path
 
 from wind_bmi.cli import main
 from wind_bmi.component import shipped_sample_path
-from wind_bmi.model.checkpoint import shipped_card_path
 
 pytestmark = pytest.mark.skipif(not shipped_card_path().exists(), reason="no shipped model")
 ROOT = Path(__file__).parent.parent

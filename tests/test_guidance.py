@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from wind_bmi.model.denoiser import GaussianDenoiser
 from wind_bmi.model.guidance import DPSDenoiser, MMPSDenoiser, conjugate_gradient
 from wind_bmi.model.operators import MaskOperator, Observation

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 from helpers import BOUNDS, gaussian_like_lats
-
 from wind_bmi.model.operators import (
     AreaMeanOperator,
     AveragePoolOperator,

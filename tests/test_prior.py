@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from wind_bmi.config import load_config
 from wind_bmi.model.checkpoint import CheckpointError, load_prior
 from wind_bmi.model.network import UViT, sphere_pad
 from wind_bmi.model.sampler import sample_window
 from wind_bmi.model.schedule import CosineVPSchedule
 from wind_bmi.model.train import batch_indices, sample_levels
+
+from wind_bmi.config import load_config
 from wind_bmi.training import run_training
 
 
@@ -175,8 +175,10 @@ def _free_port() -> int:
 def test_ddp_with_two_gloo_processes(tiny_data: Path, tiny_config: Path, tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
-           "--no-python", str(Path(sys.executable).parent / "wind-bmi"), "train", "--config", str(tiny_config), "--data", str(tiny_data), "--out", str(out),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--master_port", str(_free_port()),
+           "--no-python", str(Path(sys.executable).parent / "wind-bmi"), "train", "--config", str(tiny_config),
+           "--data", str(tiny_data), "--out", str(out),
            "--max-steps", "4"]
     # run from tmp_path: the repository root on sys.path would shadow the installed package
     subprocess.run(cmd, check=True, env=env, timeout=300, capture_output=True, cwd=tmp_path)

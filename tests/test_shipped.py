@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
+from wind_bmi.model.checkpoint import load_prior, shipped_card_path
+from wind_bmi.model.tasks import WindModel
 
 from wind_bmi.component import shipped_sample_path
 from wind_bmi.data.layouts import open_any
 from wind_bmi.data.windows import Channel, stack_channels
-from wind_bmi.model.checkpoint import load_prior, shipped_card_path
-from wind_bmi.model.tasks import WindModel
 
 pytestmark = pytest.mark.skipif(not shipped_card_path().exists(), reason="no shipped model")
 

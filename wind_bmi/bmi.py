@@ -25,8 +25,8 @@ import numpy as np
 from bmipy import Bmi
 from numpy.typing import NDArray
 
-from wind_bmi.config import BmiConfig, ConfigError, from_dict, load_config
 from wind_bmi.component import STATE_VARIABLES, ComponentError, WindComponent
+from wind_bmi.config import BmiConfig, ConfigError, from_dict, load_config
 from wind_bmi.variables import VARIABLES
 
 GRID_3D, GRID_2D, GRID_3D_COARSE, GRID_2D_COARSE, GRID_SCALAR, GRID_MEMBERS_3D, GRID_MEMBERS_2D = range(7)
@@ -175,10 +175,10 @@ class WindBmi(Bmi):
     def get_output_item_count(self) -> int:
         return len(self.get_output_var_names())
 
-    def get_input_var_names(self) -> tuple[str, ...]:
+    def get_input_var_names(self) -> tuple[str, ...]:  # type: ignore[override]
         return tuple(n for n, s in VARIABLE_TABLE.items() if s.role in INPUT_ROLES)
 
-    def get_output_var_names(self) -> tuple[str, ...]:
+    def get_output_var_names(self) -> tuple[str, ...]:  # type: ignore[override]
         return tuple(n for n, s in VARIABLE_TABLE.items() if s.role in OUTPUT_ROLES)
 
     # -- variables -------------------------------------------------------------------------

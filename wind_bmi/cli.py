@@ -8,7 +8,6 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 from wind_bmi.config import ConfigError, GenerateConfig, TrainConfig, load_config
 

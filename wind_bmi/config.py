@@ -181,7 +181,29 @@ class BmiConfig:
     kind: str = "bmi"
 
 
-SCHEMAS: dict[str, type] = {"generate": GenerateConfig, "train": TrainConfig, "bmi": BmiConfig}
+@dataclasses.dataclass(frozen=True)
+class AssimilationConfig:
+    """Options of an observing-system simulation (``config/assimilate.yaml``)."""
+
+    truth: str = ""  # data of the truth run (default: the shipped sample)
+    members: int = 4  # total over all ranks
+    cycles: int = 40  # 6-hourly cycles (40 = 10 days)
+    obs_fraction: float = 0.03  # fraction of grid cells observed per stream
+    obs_error: float = 0.5  # K, temperature observation error
+    steps: int = 16
+    cg_iterations: int = 1
+    seed: int = 0
+    moving: bool = False  # stations move every cycle
+    level_index: int = -1  # -1: all levels observed at the station cells
+    silent_rank: int = -1  # fault injection for tests: this rank has no observations
+    fail_rank: int = -1  # fault injection for tests: this rank raises at cycle 1
+    outside_grid: int = 0  # fault injection: observations with indices beyond the grid
+    duplicates: int = 0  # fault injection: observations repeated
+    kind: str = "assimilate"
+
+
+SCHEMAS: dict[str, type] = {"generate": GenerateConfig, "train": TrainConfig, "bmi": BmiConfig,
+                            "assimilate": AssimilationConfig}
 
 
 def _type_name(tp: Any) -> str:
@@ -193,8 +215,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {type(value).__name__}")
-        return _build(tp, value, where)
+            raise ConfigError(f"{where}: expected a mapping for {_type_name(tp)}, got {type(value).__name__}")
+        return _build(tp, value, where)  # type: ignore[arg-type]
     if origin in (Union, types.UnionType):
         for arg in typing.get_args(tp):
             try:

@@ -62,7 +62,7 @@ def run_bench(out: str | Path, quick: bool = False, model: str | None = None) ->
         net(z)
     fwd_flops = fc.get_total_flops()
     for dt_name, bf16 in (("bf16", True), ("fp32", False)):
-        def fwd() -> None:
+        def fwd(bf16: bool = bf16) -> None:
             with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
                 net(z)
         t = _time(fwd, reps)

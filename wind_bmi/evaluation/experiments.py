@@ -107,19 +107,19 @@ class Evaluation:
                 for j in range(n):
                     y = truth[j, c].numpy()
                     x = ens[:, j, c].numpy()
-                    vals = {
+                    scored: dict[tuple[str, str], Any] = {
                         ("wind", "rmse"): scores.rmse(x.mean(axis=0), y, self.lat),
                         ("wind", "crps"): scores.crps_fair(x, y, self.lat) if x.shape[0] > 1 else np.nan,
                         ("wind", "ssr"): scores.spread_skill_ratio(x, y, self.lat) if x.shape[0] > 1 else np.nan,
                         ("persistence", "rmse"): scores.rmse(self.truth[s, c].numpy(), y, self.lat),
                         ("climatology", "rmse"): scores.rmse(clim[c].numpy(), y, self.lat),
                     }
-                    for (method, metric), v in vals.items():
+                    for (method, metric), v in scored.items():
                         per_lead.setdefault((f"{var}|{lv}|{(j + 1) * 6}|{method}|{metric}", 0), []).append(float(v))
-        for (key, _), vals in per_lead.items():
-            var, lv, lead, method, metric = key.split("|")
-            self.add("forecast", var, None if lv == "None" else float(lv), float(lead), method, metric,
-                     float(np.nanmean(vals)))
+        for (key, _), lead_vals in per_lead.items():
+            name, level, lead, method, metric = key.split("|")
+            self.add("forecast", name, None if level == "None" else float(level), float(lead), method, metric,
+                     float(np.nanmean(lead_vals)))
 
     def downscale(self) -> None:
         from scipy.ndimage import zoom

@@ -1,0 +1,55 @@
+"""Cycled DA: observation merging, and the 2-rank MPI cycle (mpiexec -n 2) with its faults."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from wind_bmi.coupling.assimilate import merge_observations
+from wind_bmi.model.checkpoint import shipped_card_path
+
+BIN = Path(sys.executable).parent
+
+
+def test_merge_drops_outside_and_merges_duplicates() -> None:
+    a = (np.array([0, 5, 99]), np.array([1.0, 2.0, 3.0]), np.array([1.0, 1.0, 1.0]))
+    b = (np.array([5, -1]), np.array([4.0, 0.0]), np.array([1.0, 1.0]))
+    empty = (np.zeros(0, int), np.zeros(0), np.zeros(0))
+    idx, val, err, n_dup, n_out = merge_observations([a, b, empty], size=10)
+    assert idx.tolist() == [0, 5] and n_out == 2 and n_dup == 1
+    assert val.tolist() == [1.0, 3.0]  # equal errors: the mean
+    assert err[1] == pytest.approx(1 / np.sqrt(2))
+
+
+def _run(tmp_path: Path, name: str, **over: object) -> subprocess.CompletedProcess[str]:
+    cfg = {"kind": "assimilate", "truth": "", "members": 2, "cycles": 2, "obs_fraction": 0.05, "obs_error": 0.5,
+           "steps": 4, **over}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+    return subprocess.run([str(BIN / "mpiexec"), "-n", "2", str(BIN / "wind-bmi"), "assimilate", str(path), "--quick",
+                           "--out", str(tmp_path / name)], capture_output=True, text=True, timeout=600, env=env,
+                          cwd=tmp_path)
+
+
+@pytest.mark.skipif(not shipped_card_path().exists(), reason="no shipped model")
+@pytest.mark.mpi
+def test_two_rank_cycle_and_faults(tmp_path: Path) -> None:
+    ok = _run(tmp_path, "ok", duplicates=5, outside_grid=3, silent_rank=1)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    summary = json.loads((tmp_path / "ok" / "summary.json").read_text())
+    assert summary["ranks"] == 2 and summary["members"] == 2
+    assert summary["history"]["outside_grid_dropped"] == [3] and summary["history"]["duplicates_merged"] == [5]
+    assert all(n > 0 for n in summary["history"]["n_obs"])  # rank 0's stream still reaches rank 1's member
+    assert summary["rmse_analysis_K"] < summary["rmse_free_K"]
+    assert (tmp_path / "ok" / "analysis.nc").exists()
+    bad = _run(tmp_path, "bad", fail_rank=1)
+    assert bad.returncode != 0
+    assert "injected failure on rank 1" in bad.stderr
+    assert not (tmp_path / "bad" / "analysis.nc").exists() and not list((tmp_path / "bad").glob("*.tmp"))

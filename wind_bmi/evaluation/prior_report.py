@@ -1,0 +1,131 @@
+"""``wind-bmi report-prior``: the prior's own scorecard on held-out data, written into its card.
+
+* denoising loss per noise band on test windows (latitude-weighted MSE, normalised units);
+* unconditional samples: per-channel mean and standard deviation against the data;
+* zonal power spectra of T (sigma 0.51) and u (sigma 0.2), samples against data (figure);
+* an unguided rollout (window after window, clean context): global-mean T drift and NaN check;
+* the training curve (figure) from the run's history.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from wind_bmi.data.layouts import open_any
+from wind_bmi.data.windows import Channel, WindowDataset, stack_channels
+from wind_bmi.evaluation.scores import latitude_weights, zonal_power_spectrum
+from wind_bmi.model.checkpoint import load_prior, shipped_card_path
+from wind_bmi.model.physics import latitude_weights as latw_torch
+from wind_bmi.model.sampler import sample_window
+from wind_bmi.model.tasks import WindModel
+from wind_bmi.model.train import validation_losses
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def run_prior_report(data: str | Path, out: str | Path, card: str | Path | None = None, samples: int = 8,
+                     rollout_days: float = 60.0, steps: int = 16, history: str | Path | None = None,
+                     update_card: bool = True) -> dict[str, Any]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    card_path = Path(card) if card else shipped_card_path()
+    prior = load_prior(card_path)
+    wm = WindModel(prior, "cpu", bf16=True, steps=steps)
+    ds = open_any(data)
+    phys = stack_channels(ds, [Channel(v, lv) for v, lv in wm.channels])  # (N, C, H, W)
+    norm = wm.normalise(torch.from_numpy(phys)).numpy()
+    windows = WindowDataset(norm, list(ds["time"].values), wm.T)
+    lat = wm.lat.numpy()
+    report: dict[str, Any] = {"data": str(data), "frames": int(phys.shape[0])}
+
+    latw = latw_torch(wm.lat).float()
+    report["test_loss_per_band"] = validation_losses(prior.net, lambda idx: torch.from_numpy(windows.batch(idx)),
+                                                     len(windows), prior.schedule, latw, 64, True)
+
+    g = torch.Generator().manual_seed(0)
+    ctx = torch.zeros(samples, wm.T, wm.C, wm.H, wm.W)
+    uncond = wm.denormalise(sample_window(wm.denoiser, wm.schedule, ctx, torch.zeros(wm.T, dtype=torch.bool),
+                                          steps=steps, generator=g)).numpy()  # (S, T, C, H, W)
+    w = latitude_weights(lat)[:, None]
+    stats = []
+    for c, (v, lv) in enumerate(wm.channels):
+        d = phys[:, c]
+        s = uncond[:, :, c]
+        stats.append({"variable": v, "level": lv,
+                      "data_mean": float((d * w).mean()), "sample_mean": float((s * w).mean()),
+                      "data_std": float(np.sqrt(((d - (d * w).mean()) ** 2 * w).mean())),
+                      "sample_std": float(np.sqrt(((s - (s * w).mean()) ** 2 * w).mean()))})
+    report["unconditional_stats"] = stats
+
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), constrained_layout=True)
+    spectra = {}
+    for ax, (v, lv) in zip(axes, (("temperature", 0.51), ("u_wind", 0.2)), strict=True):
+        c = wm.channel_index(v, lv)
+        sd = zonal_power_spectrum(phys[:, c], lat).mean(axis=0)
+        ss = zonal_power_spectrum(uncond[:, :, c].reshape(-1, wm.H, wm.W), lat).mean(axis=0)
+        k = np.arange(1, sd.size)
+        ax.loglog(k, sd[1:], label="SPEEDY (test year)")
+        ax.loglog(k, ss[1:], label="WIND samples")
+        ax.set_title(f"{v} sigma={lv}")
+        ax.set_xlabel("zonal wavenumber")
+        ax.set_ylabel("power")
+        ax.legend()
+        spectra[f"{v}@{lv}"] = {"log10_ratio_k1_10": float(np.mean(np.log10(ss[1:11] / sd[1:11]))),
+                                "log10_ratio_k11_30": float(np.mean(np.log10(ss[11:31] / sd[11:31])))}
+    fig.savefig(out / "prior_spectra.png", dpi=90)
+    plt.close(fig)
+    report["spectra"] = spectra
+
+    roll = wm.rollout(torch.from_numpy(phys[0]), rollout_days, 1, torch.Generator().manual_seed(1))[0].numpy()
+    tch = wm.channels_of("temperature")
+    gm = (roll[:, tch] * w).mean(axis=(1, 2, 3))
+    gm0 = float((phys[0, tch] * w).mean())
+    n = min(len(gm), phys.shape[0] - 1)
+    truth_gm = (phys[1:n + 1, tch] * w).mean(axis=(1, 2, 3))
+    report["rollout"] = {"days": rollout_days, "finite": bool(np.isfinite(roll).all()),
+                         "global_mean_T_start": gm0, "global_mean_T_end": float(gm[-1]),
+                         "max_abs_drift_K": float(np.abs(gm - gm0).max()),
+                         "max_abs_diff_to_truth_K": float(np.abs(gm[:n] - truth_gm).max())}
+    fig, ax = plt.subplots(figsize=(6, 3.4), constrained_layout=True)
+    days = np.arange(1, gm.size + 1) / 4
+    ax.plot(days, gm, label="WIND unguided rollout")
+    ax.plot(days[:n], truth_gm, label="SPEEDY truth")
+    ax.set_xlabel("days")
+    ax.set_ylabel("global-mean T (all levels), K")
+    ax.legend()
+    fig.savefig(out / "prior_rollout.png", dpi=90)
+    plt.close(fig)
+
+    hist_path = Path(history) if history else card_path.parent / "train_state.json"
+    if hist_path.exists():
+        hist = json.loads(hist_path.read_text())["history"]
+        pts = [(h["step"], h["loss"]) for h in hist if "loss" in h]
+        fig, ax = plt.subplots(figsize=(6, 3.4), constrained_layout=True)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts])
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss (weighted)")
+        ax.set_yscale("log")
+        fig.savefig(out / "training_curve.png", dpi=90)
+        plt.close(fig)
+    (out / "prior_report.json").write_text(json.dumps(report, indent=1))
+    if update_card:
+        c = json.loads(card_path.read_text())
+        c["test_report"] = report
+        tmp = card_path.with_name(card_path.name + ".tmp")
+        tmp.write_text(json.dumps(c, indent=1))
+        os.replace(tmp, card_path)
+    return report
