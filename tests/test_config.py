@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from wind_bmi.config import BmiConfig, ConfigError, GenerateConfig, TrainConfig, load_config
+from wind_bmi.config import AssimilationConfig, BmiConfig, ConfigError, GenerateConfig, TrainConfig, load_config
 
 ROOT = Path(__file__).parent.parent
 
@@ -14,7 +14,7 @@ ROOT = Path(__file__).parent.parent
 @pytest.mark.parametrize("preset", sorted((ROOT / "config").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_preset_loads(preset: Path) -> None:
     cfg = load_config(preset)
-    assert isinstance(cfg, (GenerateConfig, TrainConfig, BmiConfig))
+    assert isinstance(cfg, (GenerateConfig, TrainConfig, BmiConfig, AssimilationConfig))
 
 
 def test_values_are_typed_and_frozen(tmp_path: Path) -> None:

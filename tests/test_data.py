@@ -103,3 +103,27 @@ def test_windows_never_bridge_gaps_and_stats_come_from_training_years(tiny_data:
                                rtol=1e-4, atol=1e-4)
     times = [dt.datetime(2000, 1, 1) + dt.timedelta(hours=6 * i) for i in (0, 1, 2, 3, 4, 5, 20, 21, 22, 23, 24)]
     assert window_starts(times, 5).tolist() == [0, 1, 6]
+
+
+def test_paper_preset_builds_70_channels_from_weatherbench2_files(tmp_path: Path) -> None:
+    """The 70-channel ERA5 preset reads WB2-layout files (small synthetic grid, 13 levels, 2 years)."""
+    from wind_bmi.config import load_config
+
+    cfg = load_config(Path(__file__).parent.parent / "config" / "train_era5_1p5deg.yaml")
+    levels = [50, 100, 150, 200, 250, 300, 400, 500, 600, 700, 850, 925, 1000]
+    rng = np.random.default_rng(0)
+    lat, lon = np.linspace(90, -90, 6), np.arange(0, 360, 45.0)
+    for year in (1979, 2019):
+        times = [dt.datetime(year, 1, 1) + dt.timedelta(hours=6 * i) for i in range(8)]
+        ds = xr.Dataset(coords={"time": times, "level": levels, "latitude": lat, "longitude": lon})
+        for v in ("temperature", "geopotential", "u_component_of_wind", "v_component_of_wind", "specific_humidity"):
+            ds[v] = (("time", "level", "latitude", "longitude"), rng.standard_normal((8, 13, 6, 8)).astype(np.float32))
+        for v in ("2m_temperature", "mean_sea_level_pressure", "10m_u_component_of_wind", "10m_v_component_of_wind",
+                  "total_precipitation_6hr"):
+            ds[v] = (("time", "latitude", "longitude"), rng.standard_normal((8, 6, 8)).astype(np.float32))
+        (tmp_path / str(year)).mkdir()
+        ds.to_netcdf(tmp_path / str(year) / "wb2.nc")
+    splits = build_splits([tmp_path / "1979", tmp_path / "2019"], cfg.variables, [1979], [2019], T=5)
+    assert len(splits.channels) == 70
+    assert splits.train.frames.shape == (8, 70, 6, 8) and len(splits.train) == 4
+    assert np.all(np.diff(splits.lat) > 0)
