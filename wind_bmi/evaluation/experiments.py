@@ -44,8 +44,8 @@ class Budget:
 
 
 QUICK = Budget(init_dates=1, members=2, forecast_hours=24, steps=6, windows=1, mass_days=1, warming_days=1)
-# the committed report (2-core CPU, under an hour); PAPER is the paper-scale protocol for a faster machine
-FULL = Budget(init_dates=4, members=4, forecast_hours=5 * 24, steps=16, windows=2, mass_days=30, warming_days=2)
+# the committed report (2-core CPU, ~10 minutes); PAPER is the paper-scale protocol for a faster machine
+FULL = Budget(init_dates=3, members=4, forecast_hours=3 * 24, steps=12, windows=2, mass_days=15, warming_days=1)
 PAPER = Budget(init_dates=8, members=8, forecast_hours=14 * 24, steps=32, windows=8, mass_days=365, warming_days=3)
 
 
