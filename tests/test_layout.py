@@ -20,12 +20,13 @@ def test_no_top_level_model_or_coupling_imports() -> None:
     assert not bad, bad
 
 
-def test_import_has_no_global_side_effects() -> None:
+def test_import_has_no_global_side_effects(tmp_path: Path) -> None:
     code = ("import warnings, torch; before = (len(warnings.filters), torch.get_default_dtype());"
             "import wind_bmi, wind_bmi.model.tasks, wind_bmi.coupling, wind_bmi.bmi;"
             "import sys; assert 'mpi4py.MPI' not in sys.modules, 'MPI initialised at import';"
             "assert (len(warnings.filters), torch.get_default_dtype()) == before")
-    subprocess.run([sys.executable, "-c", code], check=True)
+    # from tmp_path: the repository root on sys.path would shadow the installed package
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
 
 
 def test_cli_help_for_every_subcommand() -> None:
