@@ -27,7 +27,7 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	$(BIN)/pytest -q tests
-	$(BIN)/bmi-test wind_bmi:WindBmi --config-file=$(CURDIR)/config/bmi_test.yaml --root-dir=$(CURDIR)/tests/bmi_root -q
+	$(BIN)/bmi-test wind_bmi.bmi:WindBmi --config-file=$(CURDIR)/config/bmi_test.yaml --root-dir=$(CURDIR)/tests/bmi_root --quiet
 
 bench: $(STAMP)
 	$(BIN)/wind-bmi bench --out out/bench

@@ -7,7 +7,7 @@ Variables (CSDMS names; see README for the full table):
 * outputs (ensemble mean at the current time): ``atmosphere_air__temperature`` ... on grid 0
   (rank 3: sigma level, latitude ascending, longitude) or grid 1 (rank 2: latitude, longitude);
   ``<name>_ensemble_spread`` (standard deviation, ddof 1) on the same grids; ``<name>_ensemble_members``
-  on flat ``vector`` grids 5/6 (C order ``(member, [level,] lat, lon)``).
+  on rank-1 grids 5/6 over the flat C-order index of ``(member, [level,] lat, lon)`` (x = that index).
 * inputs: every state variable (``set_value`` replaces the newest clean frame of all members);
   observed twins ``<object>__observed_<quantity>`` (NaN = unobserved; valid at the end of the next
   ``update``); coarse twins ``<object>__coarse_<quantity>`` on grids 2/3 (4x coarser area means);
@@ -311,8 +311,7 @@ class WindBmi(Bmi):
         self._check_grid(grid)
         if grid == GRID_SCALAR:
             return "scalar"
-        if grid in (GRID_MEMBERS_3D, GRID_MEMBERS_2D):
-            return "vector"
+        # member grids are rank-1 rectilinear over the flat (member, [level,] lat, lon) index
         return "rectilinear"
 
     def get_grid_shape(self, grid: int, shape: NDArray[np.int_]) -> NDArray[np.int_]:
@@ -323,6 +322,9 @@ class WindBmi(Bmi):
 
     def _coords(self, grid: int) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
         c = self._comp
+        if grid in (GRID_MEMBERS_3D, GRID_MEMBERS_2D):
+            n = float(self._grid_shape(grid)[0])
+            return np.arange(n), np.zeros(0), np.zeros(0)
         lat, lon = c.model.lat.numpy(), c.model.lon.numpy()
         if grid in (GRID_3D_COARSE, GRID_2D_COARSE):
             k = c.downscale_factor
