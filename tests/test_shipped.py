@@ -70,21 +70,33 @@ def test_sparse_reconstruction_beats_the_prior_and_honours_observations(wm: Wind
     assert sigma.shape == truth.shape[1:]
 
 
-@QUALITY
-def test_downscaling_pools_back_to_its_input(wm: WindModel, sample: torch.Tensor) -> None:
+@pytest.fixture(scope="module")
+def downscaled(wm: WindModel, sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from wind_bmi.model.operators import AveragePoolOperator
 
     truth = sample[5:10]
-    pool = AveragePoolOperator(4, wm.lat)
-    coarse = pool.pool(truth.double()).float()
-    sigma = 0.05 * wm.std
-    fine = wm.downscale(coarse, 4, members=1, sigma_y=sigma, generator=torch.Generator().manual_seed(3))[0]
-    back = pool.pool(fine.double())
-    err = ((back - coarse.double()) / wm.std[None, :, None, None]).abs()
-    assert float(err.median()) < 0.05 * 2
+    coarse = AveragePoolOperator(4, wm.lat).pool(truth.double()).float()
+    fine = wm.downscale(coarse, 4, members=1, sigma_y=0.05 * wm.std, generator=torch.Generator().manual_seed(3))[0]
+    return truth, coarse, fine
+
+
+def test_downscaling_pools_back_to_its_input(wm: WindModel, downscaled: tuple[torch.Tensor, ...]) -> None:
+    from wind_bmi.model.operators import AveragePoolOperator
+
+    truth, coarse, fine = downscaled
+    back = AveragePoolOperator(4, wm.lat).pool(fine.double())
+    err = ((back - coarse.double()) / wm.std[None, :, None, None]).abs()  # in units of the channel std
+    assert float(err.median()) < 0.05  # sigma_y = 0.05 std
+    assert float(err.quantile(0.9)) < 2 * 0.05
+
+
+@QUALITY
+def test_downscaling_is_closer_to_truth_than_blocky_upsampling(wm: WindModel,
+                                                                downscaled: tuple[torch.Tensor, ...]) -> None:
+    truth, coarse, fine = downscaled
     up = coarse.repeat_interleave(4, -2).repeat_interleave(4, -1)
-    assert _rmse(wm.normalise(fine), wm.normalise(truth), torch.ones_like(truth, dtype=torch.bool)) < \
-        1.5 * _rmse(wm.normalise(up), wm.normalise(truth), torch.ones_like(truth, dtype=torch.bool))
+    every = torch.ones_like(truth, dtype=torch.bool)
+    assert _rmse(wm.normalise(fine), wm.normalise(truth), every) < _rmse(wm.normalise(up), wm.normalise(truth), every)
 
 
 def test_dry_air_mass_constrained_rollout_stays_within_1e4(wm: WindModel, sample: torch.Tensor) -> None:
