@@ -332,23 +332,20 @@ class WindBmi(Bmi):
             lon = lon.reshape(-1, k).mean(axis=1)
         return lon, lat, np.asarray(c.levels, dtype=np.float64)
 
-    def get_grid_x(self, grid: int, x: NDArray[np.float64]) -> NDArray[np.float64]:
+    def _fill_coord(self, grid: int, dest: NDArray[np.float64], axis: int) -> NDArray[np.float64]:
         self._check_grid(grid)
-        lon = self._coords(grid)[0]
-        x[: lon.size] = lon
-        return x
+        values = self._coords(grid)[axis]
+        dest[: values.size] = values
+        return dest
+
+    def get_grid_x(self, grid: int, x: NDArray[np.float64]) -> NDArray[np.float64]:
+        return self._fill_coord(grid, x, 0)
 
     def get_grid_y(self, grid: int, y: NDArray[np.float64]) -> NDArray[np.float64]:
-        self._check_grid(grid)
-        lat = self._coords(grid)[1]
-        y[: lat.size] = lat
-        return y
+        return self._fill_coord(grid, y, 1)
 
     def get_grid_z(self, grid: int, z: NDArray[np.float64]) -> NDArray[np.float64]:
-        self._check_grid(grid)
-        lev = self._coords(grid)[2]
-        z[: lev.size] = lev
-        return z
+        return self._fill_coord(grid, z, 2)
 
     def get_grid_spacing(self, grid: int, spacing: NDArray[np.float64]) -> NDArray[np.float64]:
         raise NotImplementedError("rectilinear grids have no uniform spacing; use get_grid_x/y/z")

@@ -182,7 +182,7 @@ class WindComponent:
         self._refresh()
 
     # -- stepping ---------------------------------------------------------------------
-    def _observations(self, mask_ctx: torch.Tensor) -> list[Observation]:
+    def _observations(self) -> list[Observation]:
         """Pending inputs of this window as observations on the last generated frame."""
         T, C, H, W = self.model.T, self.model.C, self.H, self.W
         M = self.cfg.members
@@ -244,7 +244,7 @@ class WindComponent:
         mask[:k] = True
         win = torch.zeros(self.cfg.members, T, self.model.C, self.H, self.W, device=self.model.device)
         win[:, :k] = self.history[:, -k:]
-        obs = self._observations(mask)
+        obs = self._observations()
         obs += [c(win, mask) for c in self._constraints()]
         out = self.model.sample(win, mask, obs, self.generator)
         new = out[:, k:]
