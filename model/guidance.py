@@ -10,7 +10,8 @@ MMPS (Rozet et al., NeurIPS 2024) with per-frame noise (diffusion forcing):
     E[x | z, y] ~ x_hat + Gamma J^T A'^T u
 
 ``A'`` is ``A`` linearised at ``x_hat`` (``torch.func.jvp`` / ``vjp``), ``J^T v`` one autograd VJP
-through the network. Cost per step: one forward plus ``n + 1`` backward passes for ``n`` CG iterations.
+through the network. Cost per step: one forward plus ``n`` backward passes for ``n`` CG iterations
+(the correction is accumulated from the CG directions' VJPs, see :func:`conjugate_gradient_image`).
 
 DPS (Chung et al., ICLR 2023) uses a point estimate instead, with Chung's step normalised by the
 residual norm: ``x_hat - zeta Gamma grad_z ||Sigma_y^-1/2 (y - A(x_hat))||``.
@@ -31,21 +32,38 @@ def conjugate_gradient(matvec: Callable[[Tensor], Tensor], b: Tensor, iterations
 
     Dot products in float64; denominators clamped away from zero so a converged row stays put.
     """
+    u, _ = conjugate_gradient_image(lambda p: (matvec(p), p), b, iterations, eps)
+    return u
+
+
+def conjugate_gradient_image(apply: Callable[[Tensor], tuple[Tensor, Tensor]], b: Tensor, iterations: int,
+                             eps: float = 1e-30) -> tuple[Tensor, Tensor]:
+    """CG for ``M u = b`` that also returns ``K u`` for a linear map ``K`` evaluated alongside ``M``.
+
+    ``apply(p)`` returns ``(M p, K p)``. Since ``u = sum_k alpha_k p_k``, ``K u = sum_k alpha_k K p_k``
+    costs nothing extra: MMPS gets its posterior correction ``Gamma J^T A'^T u`` from the VJPs CG
+    already made, so ``n`` iterations cost ``n`` backward passes, not ``n + 1``.
+    """
     u = torch.zeros_like(b)
+    Ku: Tensor | None = None
     r = b.clone()
     p = r.clone()
     rr = (r.double() ** 2).sum(dim=1)
     for _ in range(iterations):
-        Mp = matvec(p)
+        Mp, Kp = apply(p)
         pMp = (p.double() * Mp.double()).sum(dim=1)
-        alpha = (rr / pMp.clamp_min(eps)).to(b.dtype)[:, None]
-        u = u + alpha * p
-        r = r - alpha * Mp
+        alpha = (rr / pMp.clamp_min(eps)).to(b.dtype)
+        u = u + alpha[:, None] * p
+        step = alpha.reshape(-1, *([1] * (Kp.dim() - 1))) * Kp
+        Ku = step if Ku is None else Ku + step
+        r = r - alpha[:, None] * Mp
         rr_new = (r.double() ** 2).sum(dim=1)
         beta = (rr_new / rr.clamp_min(eps)).to(b.dtype)[:, None]
         p = r + beta * p
         rr = rr_new
-    return u
+    if Ku is None:
+        Ku = apply(torch.zeros_like(b))[1]
+    return u, Ku
 
 
 def _gamma(denoiser: Denoiser, t: Tensor) -> Tensor:
@@ -86,14 +104,16 @@ class MMPSDenoiser:
             def cov_AT(u: Tensor) -> Tensor:  # V A'^T u = Gamma J^T A'^T u
                 return gamma * JT(A_vjp(u)[0])
 
-            def matvec(u: Tensor) -> Tensor:
-                return var * u + torch.func.jvp(A, (x0,), (cov_AT(u),))[1]
-
             # Whitened system (Jacobi preconditioning by Sigma_y): observations of very different
             # precision (a 1e-5 relative mass constraint beside 1 K temperatures) get balanced CG steps.
             w = var.rsqrt()
-            u = w * conjugate_gradient(lambda v: w * matvec(w * v), (w * (y - y_hat)).detach(), self.cg_iterations)
-            x_post = x0 + cov_AT(u)
+
+            def apply(p: Tensor) -> tuple[Tensor, Tensor]:  # (whitened M p, V A'^T w p)
+                c = cov_AT(w * p)
+                return w * (var * (w * p) + torch.func.jvp(A, (x0,), (c,))[1]), c
+
+            _, correction = conjugate_gradient_image(apply, (w * (y - y_hat)).detach(), self.cg_iterations)
+            x_post = x0 + correction
         return x_post.detach()
 
 

@@ -224,3 +224,67 @@ def test_bad_inputs_raise_clear_errors_and_leave_state_unchanged(bmi_config: Pat
     bad_cfg.write_text(yaml.safe_dump({**d, "initial_condition": str(corrupt)}))
     with pytest.raises(ConfigError, match="initial_condition"):
         WindBmi().initialize(str(bad_cfg))
+
+
+HOST_T = "atmosphere_air__host_observed_temperature"
+HOST_LAT = [67.5, 22.5, -22.5, -67.5]  # north to south, -180..180 longitudes: not WIND's conventions
+HOST_LON = [-157.5 + 45.0 * i for i in range(8)]
+
+
+def test_host_grid_observations_are_assimilated_through_the_weights(bmi_config: Path, tmp_path: Path) -> None:
+    from wind_bmi.coupling.regrid import LatLonGrid, Regridder
+
+    assert HOST_T not in make(bmi_config).get_input_var_names()  # only with a host grid
+    host = {"lat": HOST_LAT, "lon": HOST_LON, "method": "conservative", "sigma": 0.95}
+    free = make(bmi_config)
+    guided = make(bmi_config, host_grid=host)
+    assert HOST_T in guided.get_input_var_names()
+    g = guided.get_var_grid(HOST_T)
+    assert g == 7 and guided.get_grid_rank(g) == 2 and guided.get_grid_type(g) == "rectilinear"
+    shape = guided.get_grid_shape(g, np.zeros(2, dtype=int))
+    assert tuple(shape) == (4, 8)
+    np.testing.assert_array_equal(guided.get_grid_y(g, np.empty(4)), HOST_LAT)
+    np.testing.assert_array_equal(guided.get_grid_x(g, np.empty(8)), HOST_LON)
+    comp = guided.component
+    W = Regridder.build(LatLonGrid(comp.model.lat.numpy(), comp.model.lon.numpy()), LatLonGrid(HOST_LAT, HOST_LON))
+    level = int(np.argmin(np.abs(np.asarray(comp.levels) - 0.95)))
+
+    def host_view(b: WindBmi) -> np.ndarray:
+        return W(b.component.mean_phys[comp.channel_slice("temperature")][level]).reshape(-1)
+
+    target = host_view(free) + 6.0  # the host model says: 6 K warmer at that level
+    target[::5] = np.nan  # unobserved host cells
+    guided.set_value(HOST_T, target)
+    np.testing.assert_array_equal(guided.get_value(HOST_T, np.empty(32)), target)
+    free.update()
+    guided.update()
+    seen = np.isfinite(target)
+    err_g = np.abs(host_view(guided) - target)[seen].mean()
+    err_f = np.abs(host_view(free) - target)[seen].mean()
+    assert err_g < 0.4 * err_f
+    assert np.isnan(guided.get_value(HOST_T, np.empty(32))).all()  # cleared after the window
+
+    # the same weights through an ESMF weight file give the identical run (same seed)
+    wfile = W.to_esmf_weights(tmp_path / "wind_to_host.nc", LatLonGrid(comp.model.lat.numpy(), comp.model.lon.numpy()),
+                              LatLonGrid(HOST_LAT, HOST_LON))
+    from_file = make(bmi_config, host_grid={**host, "weights": str(wfile)})
+    from_file.set_value(HOST_T, target)
+    from_file.update()
+    np.testing.assert_array_equal(from_file.get_value(T_NAME, np.empty(comp.K * comp.H * comp.W)),
+                                  guided.get_value(T_NAME, np.empty(comp.K * comp.H * comp.W)))
+
+
+def test_host_grid_config_errors_name_the_key(bmi_config: Path, tmp_path: Path) -> None:
+    from wind_bmi.coupling.regrid import LatLonGrid, Regridder
+
+    other = LatLonGrid([-45.0, 45.0], [0.0, 90.0, 180.0, 270.0])
+    wfile = Regridder.build(other, other).to_esmf_weights(tmp_path / "wrong.nc", other, other)
+    for host, match in (({"lat": HOST_LAT, "lon": HOST_LON, "weights": str(wfile)}, "host_grid"),
+                        ({"resolution_deg": 7.0}, "resolution_deg"),
+                        ({"lat": HOST_LAT, "lon": HOST_LON, "method": "nearest"}, "host_grid")):
+        with pytest.raises(ConfigError, match=match):
+            make(bmi_config, host_grid=host)
+    b = make(bmi_config, host_grid={"resolution_deg": 45.0})
+    with pytest.raises(ValueError, match=f"{HOST_T}: expected 32 values"):
+        b.set_value(HOST_T, np.zeros(5))
+    assert np.isnan(b.get_value(HOST_T, np.empty(32))).all()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from wind_bmi.model.denoiser import GaussianDenoiser
-from wind_bmi.model.guidance import DPSDenoiser, MMPSDenoiser, conjugate_gradient
+from wind_bmi.model.guidance import DPSDenoiser, MMPSDenoiser, conjugate_gradient, conjugate_gradient_image
 from wind_bmi.model.operators import MaskOperator, Observation
 from wind_bmi.model.schedule import CosineVPSchedule
 
@@ -88,3 +88,23 @@ def test_conjugate_gradient_solves_spd_system_exactly_in_n_iterations():
     assert torch.allclose(u @ M.T, b, atol=1e-9)
     u1 = conjugate_gradient(lambda v: v @ M.T, b, 1)
     assert not torch.allclose(u1 @ M.T, b, atol=1e-3)
+
+
+def test_cg_image_accumulates_the_linear_image_of_the_solution_with_one_apply_per_iteration():
+    g = torch.Generator().manual_seed(4)
+    L = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    M = L @ L.T + torch.eye(6, dtype=torch.float64)
+    K = torch.randn(6, 2, 5, generator=g, dtype=torch.float64)  # a linear map into another shape
+    b = torch.randn(3, 6, generator=g, dtype=torch.float64)
+    calls = []
+
+    def apply(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(1)
+        return p @ M.T, torch.einsum("bi,ijk->bjk", p, K)
+
+    for n in (1, 2, 6):
+        calls.clear()
+        u, Ku = conjugate_gradient_image(apply, b, n)
+        assert len(calls) == n  # the MMPS correction costs no extra VJP
+        assert torch.allclose(Ku, torch.einsum("bi,ijk->bjk", u, K), atol=1e-10)
+        assert torch.allclose(u, conjugate_gradient(lambda v: v @ M.T, b, n), atol=1e-12)

@@ -11,7 +11,9 @@ Variables (CSDMS names; see README for the full table):
 * inputs: every state variable (``set_value`` replaces the newest clean frame of all members);
   observed twins ``<object>__observed_<quantity>`` (NaN = unobserved; valid at the end of the next
   ``update``); coarse twins ``<object>__coarse_<quantity>`` on grids 2/3 (4x coarser area means);
-  scalar targets on grid 4.
+  scalar targets on grid 4; with ``host_grid`` in the config, host-grid twins
+  ``<object>__host_observed_<quantity>`` on grid 7 (the host's lat-lon grid; NaN = unobserved),
+  assimilated through the regridding weights as ``y = W x`` (3-D variables: one sigma level).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from wind_bmi.component import STATE_VARIABLES, ComponentError, WindComponent
 from wind_bmi.config import BmiConfig, ConfigError, from_dict, load_config
 from wind_bmi.variables import VARIABLES
 
-GRID_3D, GRID_2D, GRID_3D_COARSE, GRID_2D_COARSE, GRID_SCALAR, GRID_MEMBERS_3D, GRID_MEMBERS_2D = range(7)
+GRID_3D, GRID_2D, GRID_3D_COARSE, GRID_2D_COARSE, GRID_SCALAR, GRID_MEMBERS_3D, GRID_MEMBERS_2D, GRID_HOST = range(8)
 
 BMI_UNITS = {"precipitation": ("m s-1", 1e-3)}  # leq volume flux: kg m-2 s-1 / 1000 kg m-3
 
@@ -46,7 +48,7 @@ class VarSpec:
 
     name: str
     variable: str
-    role: str  # state | spread | members | observed | coarse | scalar
+    role: str  # state | spread | members | observed | coarse | scalar | host_observed
     grid: int
     units: str
     scale: float = 1.0
@@ -75,9 +77,21 @@ def build_variable_table() -> dict[str, VarSpec]:
     return table
 
 
+def host_variable_table() -> dict[str, VarSpec]:
+    """Inputs on the host grid (grid 7), present when the config has ``host_grid``."""
+    table = {}
+    for var in STATE_VARIABLES:
+        info = VARIABLES[var]
+        units, scale = BMI_UNITS.get(var, (info.units, 1.0))
+        name = _twin(info.csdms, "host_observed")
+        table[name] = VarSpec(name, var, "host_observed", GRID_HOST, units, scale)
+    return table
+
+
 VARIABLE_TABLE = build_variable_table()
+HOST_VARIABLE_TABLE = host_variable_table()
 OUTPUT_ROLES = ("state", "spread", "members")
-INPUT_ROLES = ("state", "observed", "coarse", "scalar")
+INPUT_ROLES = ("state", "observed", "coarse", "scalar", "host_observed")
 
 
 class WindBmi(Bmi):
@@ -99,9 +113,15 @@ class WindBmi(Bmi):
             raise RuntimeError(f"WindBmi is {state}: call initialize(config_file) first")
         return self._c
 
+    @property
+    def _table(self) -> dict[str, VarSpec]:
+        if self._c is not None and self._c.host is not None:
+            return {**VARIABLE_TABLE, **HOST_VARIABLE_TABLE}
+        return VARIABLE_TABLE
+
     def _spec(self, name: str) -> VarSpec:
         try:
-            return VARIABLE_TABLE[name]
+            return self._table[name]
         except KeyError:
             raise KeyError(f"unknown variable {name!r}; see get_input_var_names()/get_output_var_names()") from None
 
@@ -112,18 +132,21 @@ class WindBmi(Bmi):
             GRID_3D: (c.K, c.H, c.W), GRID_2D: (c.H, c.W), GRID_3D_COARSE: (c.K, c.H // k, c.W // k),
             GRID_2D_COARSE: (c.H // k, c.W // k), GRID_SCALAR: (1,),
             GRID_MEMBERS_3D: (c.cfg.members * c.K * c.H * c.W,), GRID_MEMBERS_2D: (c.cfg.members * c.H * c.W,),
+            GRID_HOST: c.host_grid.shape if c.host_grid is not None else (0, 0),
         }[grid]
 
     def _check_grid(self, grid: int) -> None:
-        if grid not in range(7):
-            raise KeyError(f"unknown grid id {grid}; grids are 0..6")
+        n = 8 if self._comp.host is not None else 7
+        if grid not in range(n):
+            raise KeyError(f"unknown grid id {grid}; grids are 0..{n - 1}")
 
     def _compute(self, spec: VarSpec) -> NDArray[np.float64]:
         c = self._comp
         if spec.role == "scalar":
             return np.array([c.targets[spec.variable]], dtype=np.float64)
-        if spec.role in ("observed", "coarse"):
-            pending = (c.pending.observed if spec.role == "observed" else c.pending.coarse).get(spec.variable)
+        if spec.role in ("observed", "coarse", "host_observed"):
+            pending = {"observed": c.pending.observed, "coarse": c.pending.coarse,
+                       "host_observed": c.pending.host_grid}[spec.role].get(spec.variable)
             size = int(np.prod(self._grid_shape(spec.grid)))
             return np.full(size, np.nan) if pending is None else pending.reshape(-1) * spec.scale
         chans = c.channel_slice(spec.variable)
@@ -132,7 +155,7 @@ class WindBmi(Bmi):
 
     def _refresh_outputs(self) -> None:
         for name, buf in self._out.items():
-            buf[...] = self._compute(VARIABLE_TABLE[name])
+            buf[...] = self._compute(self._table[name])
 
     # -- initialize / run / finalize --------------------------------------------------
     def initialize(self, config_file: str | None = None) -> None:
@@ -176,10 +199,10 @@ class WindBmi(Bmi):
         return len(self.get_output_var_names())
 
     def get_input_var_names(self) -> tuple[str, ...]:  # type: ignore[override]
-        return tuple(n for n, s in VARIABLE_TABLE.items() if s.role in INPUT_ROLES)
+        return tuple(n for n, s in self._table.items() if s.role in INPUT_ROLES)
 
     def get_output_var_names(self) -> tuple[str, ...]:  # type: ignore[override]
-        return tuple(n for n, s in VARIABLE_TABLE.items() if s.role in OUTPUT_ROLES)
+        return tuple(n for n, s in self._table.items() if s.role in OUTPUT_ROLES)
 
     # -- variables -------------------------------------------------------------------------
     def get_var_grid(self, name: str) -> int:
@@ -284,7 +307,7 @@ class WindBmi(Bmi):
         if spec.role in ("state", "coarse"):
             if not np.isfinite(phys).all():
                 raise ValueError(f"{spec.name}: NaN/inf not allowed (a value is required at every cell)")
-        elif spec.role == "observed":
+        elif spec.role in ("observed", "host_observed"):
             if np.isinf(phys).any():
                 raise ValueError(f"{spec.name}: inf not allowed (NaN marks unobserved cells)")
         elif spec.role == "scalar":
@@ -292,6 +315,13 @@ class WindBmi(Bmi):
                 raise ValueError(f"{spec.name}: expected a finite number (NaN allowed only for the dry-mass target)")
             if spec.variable == "dry_air_mass" and np.isfinite(phys[0]) and phys[0] <= 0:
                 raise ValueError(f"{spec.name}: dry air mass must be positive kg, got {phys[0]}")
+        if spec.role == "host_observed":
+            try:
+                c.set_host_observed(spec.variable, phys)
+            except ComponentError as exc:
+                raise ValueError(f"{spec.name}: {exc}") from exc
+            self._refresh_outputs()
+            return
         setter: Callable[[str, NDArray[Any]], None] = {
             "state": c.set_state, "observed": c.set_observed, "coarse": c.set_coarse,
         }.get(spec.role, lambda v, a: c.targets.__setitem__(v, float(a[0])))
@@ -301,7 +331,7 @@ class WindBmi(Bmi):
     # -- grids -----------------------------------------------------------------------------
     def get_grid_rank(self, grid: int) -> int:
         self._check_grid(grid)
-        return {GRID_3D: 3, GRID_3D_COARSE: 3, GRID_2D: 2, GRID_2D_COARSE: 2, GRID_SCALAR: 0}.get(grid, 1)
+        return {GRID_3D: 3, GRID_3D_COARSE: 3, GRID_2D: 2, GRID_2D_COARSE: 2, GRID_SCALAR: 0, GRID_HOST: 2}.get(grid, 1)
 
     def get_grid_size(self, grid: int) -> int:
         self._check_grid(grid)
@@ -325,6 +355,8 @@ class WindBmi(Bmi):
         if grid in (GRID_MEMBERS_3D, GRID_MEMBERS_2D):
             n = float(self._grid_shape(grid)[0])
             return np.arange(n), np.zeros(0), np.zeros(0)
+        if grid == GRID_HOST and c.host_grid is not None:
+            return c.host_grid.lon, c.host_grid.lat, np.zeros(0)
         lat, lon = c.model.lat.numpy(), c.model.lon.numpy()
         if grid in (GRID_3D_COARSE, GRID_2D_COARSE):
             k = c.downscale_factor

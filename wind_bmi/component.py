@@ -24,10 +24,11 @@ from safetensors.numpy import load_file as np_load_file
 from safetensors.numpy import save_file as np_save_file
 
 from wind_bmi.config import BmiConfig, to_dict
+from wind_bmi.coupling.regrid import LatLonGrid, Regridder, RegridError
 from wind_bmi.data.layouts import LayoutError, open_any
 from wind_bmi.data.windows import Channel, stack_channels
 from wind_bmi.model.checkpoint import CheckpointError, load_prior
-from wind_bmi.model.operators import AreaMeanOperator, AveragePoolOperator, MaskOperator, Observation
+from wind_bmi.model.operators import AreaMeanOperator, AveragePoolOperator, MaskOperator, Observation, SparseLinearOperator
 from wind_bmi.model.tasks import Constraint, WindModel
 
 SAMPLE_NAME = "sample_speedy_t31.nc"
@@ -51,6 +52,7 @@ class PendingInputs:
     observed: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # variable -> (K,H,W)|(H,W), NaN = none
     coarse: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     host: list[tuple[Any, np.ndarray, np.ndarray, str]] = dataclasses.field(default_factory=list)
+    host_grid: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # variable -> host (nlat, nlon)
 
 
 class WindComponent:
@@ -91,6 +93,11 @@ class WindComponent:
         self.targets: dict[str, float] = {"dry_air_mass": float("nan"), "warming_kelvin": cfg.constraints.warming_kelvin,
                                           "humidity_percent": cfg.constraints.humidity_percent}
         self.output_frames: list[tuple[float, np.ndarray, np.ndarray]] = []
+        self.host: Regridder | None = None
+        self.host_grid: LatLonGrid | None = None
+        self.host_level = 0
+        if cfg.host_grid.enabled:
+            self._setup_host_grid()
         self._load_initial_condition()
         x0 = self.history[:1, -1:]
         self.m_ref = float(self.model.dry_air_mass(self.model.denormalise(x0))[0, 0])
@@ -102,6 +109,72 @@ class WindComponent:
         self._refresh()
         if cfg.output:
             self._record_output()
+
+    # -- host grid ----------------------------------------------------------------------
+    def _setup_host_grid(self) -> None:
+        """Build (or read) ``W``: WIND grid -> host grid, for host-grid observations ``y = W x``."""
+        hg = self.cfg.host_grid
+        if hg.resolution_deg:
+            if hg.lat or hg.lon:
+                raise ComponentError("config key 'host_grid': give either lat/lon or resolution_deg, not both")
+            r = hg.resolution_deg
+            if not 0 < r <= 90 or abs(180 / r - round(180 / r)) > 1e-9:
+                raise ComponentError(f"config key 'host_grid.resolution_deg': expected a divisor of 180, got {r}")
+            lat = np.asarray(-90 + r * (np.arange(round(180 / r)) + 0.5), dtype=np.float64)
+            lon = np.asarray(-180 + r * (np.arange(round(360 / r)) + 0.5), dtype=np.float64)
+        else:
+            lat, lon = np.asarray(hg.lat, dtype=np.float64), np.asarray(hg.lon, dtype=np.float64)
+        try:
+            self.host_grid = LatLonGrid(lat, lon)
+            wind = LatLonGrid(self.model.lat.numpy(), self.model.lon.numpy())
+            if hg.weights:
+                self.host = Regridder.from_esmf_weights(hg.weights, (self.H, self.W), self.host_grid.shape)
+            else:
+                self.host = Regridder.build(wind, self.host_grid, hg.method)
+        except RegridError as exc:
+            raise ComponentError(f"config key 'host_grid': {exc}") from exc
+        levels = np.asarray(self.levels, dtype=np.float64)
+        self.host_level = int(np.argmin(np.abs(levels - hg.sigma)))
+
+    def host_channel(self, variable: str) -> int:
+        """The channel a host-grid field of ``variable`` observes (3-D: the level nearest ``host_grid.sigma``)."""
+        chans = self.channel_slice(variable)
+        return chans[self.host_level] if len(chans) > 1 else chans[0]
+
+    def set_host_observed(self, variable: str, values: np.ndarray) -> None:
+        """A host-grid field (NaN = unobserved cell), assimilated as ``y = W x`` in the next window."""
+        if self.host is None or self.host_grid is None:
+            raise ComponentError("host-grid observations need 'host_grid' in the config")
+        values = np.asarray(values, dtype=np.float64).reshape(self.host_grid.shape)
+        covered = np.asarray(abs(self.host.weights).sum(axis=1)).reshape(self.host_grid.shape) > 0
+        bad = np.isfinite(values) & ~covered
+        if bad.any():
+            raise ComponentError(f"{variable}: {int(bad.sum())} host cell(s) have values but no WIND cells map to "
+                                 "them (weights rows are empty); set them to NaN")
+        self.pending.host_grid[variable] = values.copy()
+
+    def _host_grid_observations(self, last: int) -> list[Observation]:
+        obs: list[Observation] = []
+        if self.host is None:
+            return obs
+        Wm = self.host.weights.tocsr()
+        for var, values in self.pending.host_grid.items():
+            flat = values.reshape(-1)
+            rows = np.flatnonzero(np.isfinite(flat))
+            if rows.size == 0:
+                continue
+            sub = Wm[rows].tocoo()
+            chan = self.host_channel(var)
+            op = SparseLinearOperator(torch.from_numpy(sub.row.astype(np.int64)), torch.from_numpy(sub.col.astype(np.int64)),
+                                      torch.from_numpy(sub.data), rows.size, last, chan)
+            # the host value of a mapped cell is a weighted sum of normalised values: W (m + s x) = m W1 + s W x
+            wsum = np.asarray(sub.sum(axis=1)).reshape(-1)
+            mean, std = float(self.model.mean[chan]), float(self.model.std[chan])
+            yn = torch.from_numpy((flat[rows] - mean * wsum) / std).float()
+            vn = self.model.error_variance(torch.full((rows.size,), self.obs_error[var], dtype=torch.float64),
+                                           torch.full((rows.size,), chan, dtype=torch.long))
+            obs.append(Observation(op, yn[None].expand(self.cfg.members, -1), vn.float()[None]))
+        return obs
 
     # -- initial condition ----------------------------------------------------------
     def _load_initial_condition(self) -> None:
@@ -221,6 +294,7 @@ class WindComponent:
             yn = (torch.from_numpy(y).double() - self.model.mean[chan[0]]) / self.model.std[chan[0]]
             vn = (torch.from_numpy(sigma).double() / self.model.std[chan[0]]) ** 2
             obs.append(Observation(op, yn.float()[None].expand(M, -1), vn.float()[None]))
+        obs += self._host_grid_observations(last)
         return obs
 
     def _constraints(self) -> list[Constraint]:

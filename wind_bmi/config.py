@@ -158,6 +158,29 @@ class ConstraintsConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class HostGridConfig:
+    """A host model's lat-lon grid whose fields WindBmi takes as observations ``y = W x``.
+
+    Give the cell centres (``lat``, ``lon``, degrees, any order and longitude origin) or
+    ``resolution_deg`` for a regular cell-centred global grid (-90..90, -180..180). ``W`` maps the
+    WIND grid to the host grid: read from ``weights`` (an ESMF offline weight file, e.g. from
+    ESMF_RegridWeightGen or xESMF) or built here with ``method`` (``conservative`` or ``bilinear``).
+    3-D variables are observed on the sigma level nearest ``sigma``.
+    """
+
+    lat: tuple[float, ...] = ()
+    lon: tuple[float, ...] = ()
+    resolution_deg: float = 0.0
+    weights: str = ""
+    method: str = "conservative"
+    sigma: float = 0.95
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.lat or self.lon or self.resolution_deg)
+
+
+@dataclasses.dataclass(frozen=True)
 class BmiConfig:
     """Configuration of :class:`wind_bmi.WindBmi` (``initialize(path)``).
 
@@ -174,6 +197,7 @@ class BmiConfig:
     guidance: GuidanceConfig = GuidanceConfig()
     constraints: ConstraintsConfig = ConstraintsConfig()
     observation_error: dict[str, float] = dataclasses.field(default_factory=dict)
+    host_grid: HostGridConfig = HostGridConfig()
     output: str = ""
     restart_file: str = ""
     run_hours: float = 120.0

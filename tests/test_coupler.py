@@ -1,0 +1,125 @@
+"""The two-component coupler: WIND (tiny prior) with the slab-ocean host model of examples/."""
+
+from __future__ import annotations
+
+import runpy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from helpers import write_dataset
+from wind_bmi.coupling.coupler import Coupler, CouplerError, Exchange
+from wind_bmi.coupling.regrid import LatLonGrid
+
+from wind_bmi import WindBmi
+
+ROOT = Path(__file__).resolve().parents[1]
+EX = runpy.run_path(str(ROOT / "examples" / "slab_ocean.py"), run_name="not_main")
+T3 = "atmosphere_air__temperature"
+HOST_T = "atmosphere_air__host_observed_temperature"
+
+
+@pytest.fixture()
+def wind_cfg(tiny_model: Path, tmp_path: Path) -> Path:
+    ic = write_dataset(tmp_path / "ic", "2002-03-01", 2, seed=5)
+    cfg = {"kind": "bmi", "model": str(tiny_model), "initial_condition": str(ic), "members": 2, "seed": 3,
+           "sampler": {"steps": 4, "eta": 1.0}, "start_time": "2002-03-02 00:00:00", "run_hours": 96.0}
+    p = tmp_path / "wind.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def pair(wind_cfg: Path, tmp_path: Path, res: float = 45.0) -> tuple[WindBmi, object]:
+    ocean = EX["SlabOceanBmi"]()
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    ocfg = tmp_path / "ocean.yaml"
+    ocfg.write_text(yaml.safe_dump({"resolution_deg": res}))
+    ocean.initialize(str(ocfg))
+    wind = WindBmi()
+    wind.initialize(str(EX["wind_config_with_host_grid"](ocean, str(wind_cfg), tmp_path)))
+    return wind, ocean
+
+
+def sigma_level(wind: WindBmi) -> float:
+    levels = np.asarray(wind.component.levels)
+    return float(levels[np.argmin(np.abs(levels - 0.95))])
+
+
+def area_mean(field: np.ndarray, lat: np.ndarray, lon: np.ndarray) -> float:
+    a = LatLonGrid(lat, lon).areas()
+    return float((field * a).sum() / a.sum())
+
+
+@pytest.mark.parametrize("method", ["conservative", "bilinear"])
+def test_coupler_steps_both_clocks_and_remaps_conservatively(wind_cfg: Path, tmp_path: Path, method: str) -> None:
+    wind, ocean = pair(wind_cfg, tmp_path)
+    lev = sigma_level(wind)
+    coupler = Coupler({"wind": wind, "ocean": ocean}, [
+        Exchange("wind", T3, "ocean", EX["AIR_IN"], method=method, level=lev),
+        Exchange("ocean", EX["AIR_OUT"], "wind", HOST_T),
+    ], interval_seconds=86400.0)
+    comp = wind.component
+    k = int(np.argmin(np.abs(np.asarray(comp.levels) - lev)))
+    wind_field = comp.mean_phys[comp.channel_slice("temperature")][k].astype(np.float64)
+    sent = np.nanmean(np.where(ocean.ice, np.nan, ocean.sst - 1.0))
+    coupler.step()
+    # clocks: WIND counts hours, the ocean days; both advanced one coupling interval
+    assert wind.get_current_time() == 24.0 and ocean.get_current_time() == pytest.approx(1.0)
+    # WIND -> ocean: the conservative map keeps the area-weighted global mean, bilinear does not
+    received = ocean.air
+    m_wind = area_mean(wind_field, comp.model.lat.numpy(), comp.model.lon.numpy())
+    m_ocean = area_mean(received, ocean.lat, ocean.lon)
+    if method == "conservative":
+        assert m_ocean == pytest.approx(m_wind, rel=1e-12)
+    else:
+        assert abs(m_ocean - m_wind) > 1e-6 * abs(m_wind)
+    # ocean -> WIND went through the host-grid input: same grid, so values pass unchanged (NaN under ice)
+    rec = coupler.history[-1]
+    assert rec[f"wind.{HOST_T}"] == pytest.approx(sent, rel=1e-12)
+    coupler.run(86400.0)
+    assert wind.get_current_time() == 48.0 and ocean.get_current_time() == pytest.approx(2.0)
+
+
+def test_ocean_observations_pull_wind_towards_the_ocean(wind_cfg: Path, tmp_path: Path) -> None:
+    wind, ocean = pair(wind_cfg, tmp_path)
+    free, _ = pair(wind_cfg, tmp_path / "free")
+    ocean.sst = ocean.sst + 8.0  # an ocean far warmer than the atmosphere above it
+    Coupler({"wind": wind, "ocean": ocean}, [Exchange("ocean", EX["AIR_OUT"], "wind", HOST_T)], 86400.0).step()
+    free.update()
+    W = wind.component.host
+    k = wind.component.host_level
+    chans = wind.component.channel_slice("temperature")
+    target = np.where(ocean.ice, np.nan, ocean.sst - 1.0).reshape(-1)
+    seen = np.isfinite(target)
+
+    def err(b: WindBmi) -> float:
+        return float(np.abs(W(b.component.mean_phys[chans][k]).reshape(-1) - target)[seen].mean())
+
+    assert err(wind) < 0.5 * err(free)
+
+
+def test_coupler_refuses_what_it_cannot_do_exactly(wind_cfg: Path, tmp_path: Path) -> None:
+    wind, ocean = pair(wind_cfg, tmp_path)
+    comps = {"wind": wind, "ocean": ocean}
+    lev = sigma_level(wind)
+    with pytest.raises(CouplerError, match="not a multiple of its time step"):
+        Coupler(comps, [], interval_seconds=3600.0 * 30)  # 30 h: not a multiple of WIND's 24-h window
+    with pytest.raises(CouplerError, match="say which with level="):
+        Coupler(comps, [Exchange("wind", T3, "ocean", EX["AIR_IN"])], 86400.0)
+    with pytest.raises(CouplerError, match="level 0.5 is not one of"):
+        Coupler(comps, [Exchange("wind", T3, "ocean", EX["AIR_IN"], level=0.5)], 86400.0)
+    with pytest.raises(CouplerError, match="no conversion from 'Pa' to 'K'"):
+        Coupler(comps, [Exchange("wind", "land_surface_air__pressure", "ocean", EX["AIR_IN"])], 86400.0)
+    with pytest.raises(CouplerError, match="has no input variable"):
+        Coupler(comps, [Exchange("wind", T3, "ocean", "sea_ice__thickness", level=lev)], 86400.0)
+    ocean.get_time_units = lambda: "fortnights"  # type: ignore[method-assign]
+    with pytest.raises(CouplerError, match="time units 'fortnights'"):
+        Coupler(comps, [], 86400.0)
+    assert wind.get_current_time() == 0.0  # nothing was stepped
+
+
+def test_slab_ocean_example_runs(wind_cfg: Path, tmp_path: Path) -> None:
+    history = EX["main"]([str(wind_cfg), "--days", "2", "--out", str(tmp_path / "out")])
+    assert len(history) == 2 and (tmp_path / "out" / "coupling.json").exists()
+    assert all(np.isfinite(v) for rec in history for v in rec.values())
