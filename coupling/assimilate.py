@@ -211,7 +211,30 @@ def run_assimilation(cfg: AssimilationConfig, out: str | Path, comm: Any = None)
         dsout.to_netcdf(tmp, encoding={"time": {"units": "hours since 1900-01-01", "calendar": "proleptic_gregorian"}})
         os.replace(tmp, out / "analysis.nc")
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        _figure(history, cfg.obs_error, out / "osse.png")
     return summary
+
+
+def _figure(history: dict[str, list[float]], obs_error: float, path: Path) -> None:
+    """RMSE of the analysis and free ensembles, analysis spread and the observation error per cycle."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    days = (np.arange(len(history["rmse_analysis"])) + 1) * 0.25
+    fig, ax = plt.subplots(figsize=(6, 3.5), constrained_layout=True)
+    ax.plot(days, history["rmse_free"], label="free ensemble mean RMSE")
+    ax.plot(days, history["rmse_analysis"], label="analysis mean RMSE")
+    ax.plot(days, history["spread_analysis"], "--", label="analysis spread")
+    ax.axhline(obs_error, color="k", lw=0.8, ls=":", label="observation error")
+    ax.set_xlabel("days")
+    ax.set_ylabel("temperature (K)")
+    ax.legend(fontsize=8)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, path)
 
 
 def _reduce(comm: Any, members: np.ndarray, fm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:

@@ -39,17 +39,37 @@ def test_run_writes_cf_netcdf_and_quicklook(fast_config: Path, tmp_path: Path) -
 
 
 def test_evaluate_all_quick_records(tmp_path: Path) -> None:
-    assert main(["evaluate", "all", "--data", str(shipped_sample_path()), "--out", str(tmp_path), "--quick"]) == 0
-    recs = json.loads((tmp_path / "metrics.json").read_text())
+
+    # a stand-in "GCM at SST + 2 K": the sample 2 K warmer with 14 % more precipitation (known answer 7 %/K)
+    with xr.open_dataset(shipped_sample_path()) as ds:
+        warm = ds.load()
+    warm["temperature"] = warm["temperature"] + 2.0
+    warm["precipitation"] = warm["precipitation"] * 1.14
+    warm.to_netcdf(tmp_path / "warm.nc")
+    out = tmp_path / "eval"
+    assert main(["evaluate", "all", "--data", str(shipped_sample_path()), "--out", str(out), "--quick",
+                 "--warm-data", str(tmp_path / "warm.nc")]) == 0
+    recs = json.loads((out / "metrics.json").read_text())
     keys = {"task", "variable", "level", "lead_hours", "method", "metric", "value"}
     assert recs and all(set(r) == keys for r in recs)
     for task in ("forecast", "downscale", "temporal", "sparse", "mass", "warming"):
         vals = [r["value"] for r in recs if r["task"] == task and r["metric"] != "ssr"]
         assert vals and all(math.isfinite(v) for v in vals), task
     methods = {r["method"] for r in recs}
-    assert {"wind", "persistence", "climatology", "bilinear", "bicubic", "kriging", "prior", "dps"} <= methods
+    assert {"wind", "persistence", "climatology", "bilinear", "bicubic", "kriging", "prior", "dps", "gcm_t21"} <= methods
     assert any(r["metric"] == "relative_drift" and r["method"] == "prior" for r in recs)
-    assert (tmp_path / "report.md").exists() and list(tmp_path.glob("*.png"))
+    assert (out / "report.md").exists() and list(out.glob("*.png"))
+
+    def value(method: str, metric: str, variable: str | None = None, lead: float | None = None) -> float:
+        (v,) = [r["value"] for r in recs if r["method"] == method and r["metric"] == metric
+                and (variable is None or r["variable"] == variable) and (lead is None or r["lead_hours"] == lead)]
+        return float(v)
+
+    assert value("gcm_sst_plus_2k", "p99_change_percent_per_K") == pytest.approx(7.0, rel=1e-3)
+    assert value("gcm_sst_plus_2k", "mean_change") == pytest.approx(2.0, rel=1e-4)
+    # the T21 GCM started from the truncated truth: a real forecast, better than climatology at 24 h
+    t21 = value("gcm_t21", "rmse", "temperature", 24.0)
+    assert t21 < value("climatology", "rmse", "temperature", 24.0)
 
 
 def test_bench_quick_schema(tmp_path: Path) -> None:

@@ -88,7 +88,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from wind_bmi.evaluation.experiments import run_evaluation
 
     path = run_evaluation(args.task, args.data, args.out, quick=args.quick, model=args.model, seed=args.seed,
-                          paper=args.paper)
+                          paper=args.paper, warm_data=args.warm_data)
     print(f"wrote {path} and {path.parent / 'report.md'}")
     return 0
 
@@ -153,6 +153,8 @@ def add_commands(sub: Any) -> None:
     ev.add_argument("--paper", action="store_true", help="paper-scale sizes (8 dates, 8 members, 14 days, 1-year mass run)")
     ev.add_argument("--model", help="model card (default: the shipped prior)")
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--warm-data", help="the same period from the GCM with --sst-offset 2 (warming: the GCM's own "
+                                        "precipitation-intensity change)")
     ev.set_defaults(func=cmd_evaluate)
 
     da = sub.add_parser("assimilate", help="cycled DA OSSE (run under mpiexec -n N): members and observation "

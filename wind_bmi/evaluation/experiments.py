@@ -21,6 +21,7 @@ import torch
 from wind_bmi.data.layouts import open_any
 from wind_bmi.data.windows import Channel, stack_channels
 from wind_bmi.evaluation import scores
+from wind_bmi.evaluation.gcm_baseline import PROGNOSTIC, T21Forecaster, forcing_options
 from wind_bmi.model.checkpoint import load_prior
 from wind_bmi.model.operators import AveragePoolOperator
 from wind_bmi.model.tasks import WindModel
@@ -53,7 +54,7 @@ class Evaluation:
     """Holds the model, the truth frames and the collected records."""
 
     def __init__(self, data: str | Path, out: str | Path, budget: Budget, model: str | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, warm_data: str | Path | None = None) -> None:
         self.wm = WindModel(load_prior(model), "cpu", bf16=True, steps=budget.steps)
         self.b = budget
         self.out = Path(out)
@@ -71,6 +72,35 @@ class Evaluation:
         self.lat = self.wm.lat.numpy()
         self.records: list[dict[str, Any]] = []
         self.seed = seed
+        self.gcm_forcing = forcing_options(dict(ds.attrs))
+        self.warm: torch.Tensor | None = None
+        if warm_data:
+            wds = open_any(warm_data)
+            self.warm = torch.from_numpy(stack_channels(wds, [Channel(v, lv) for v, lv in self.wm.channels]))
+            if self.warm.shape[1:] != self.truth.shape[1:]:
+                raise ValueError(f"--warm-data {warm_data}: frames {tuple(self.warm.shape[1:])} differ from --data's "
+                                 f"{tuple(self.truth.shape[1:])}")
+        self.notes: list[str] = []
+
+    def t21(self) -> T21Forecaster | None:
+        """The T21 GCM baseline when the data are SPEEDY output and jcm is installed (else a note why not)."""
+        if self.gcm_forcing is None:
+            self.notes.append("gcm_t21 skipped: the data carry no SPEEDY generator options")
+            return None
+        try:
+            import jcm  # noqa: F401
+        except ImportError:
+            self.notes.append("gcm_t21 skipped: jcm is not installed (extra [speedy])")
+            return None
+        return T21Forecaster(self.lat, self.wm.lon.numpy(), *self.gcm_forcing)
+
+    def start_datetime(self, s: int) -> Any:
+        import datetime as dt
+
+        t = self.times[s]
+        if isinstance(t, np.datetime64):
+            return t.astype("datetime64[s]").astype(dt.datetime)
+        return dt.datetime(t.year, t.month, t.day, t.hour, t.minute)
 
     # -- helpers ---------------------------------------------------------------------
     def gen(self, k: int) -> torch.Generator:
@@ -90,6 +120,10 @@ class Evaluation:
         self.records.append({"task": task, "variable": variable, "level": level, "lead_hours": float(lead),
                              "method": method, "metric": metric, "value": float(value)})
 
+    def level_index(self, var: str, level: float) -> int:
+        levels = [lv for v, lv in self.wm.channels if v == var]
+        return int(np.argmin(np.abs(np.asarray(levels, dtype=np.float64) - level)))
+
     def starts(self, need: int) -> list[int]:
         last = len(self.times) - need
         if last < 0:
@@ -102,9 +136,15 @@ class Evaluation:
         n = math.ceil(self.b.forecast_hours / 6)
         clim = self.truth.mean(dim=0)
         per_lead: dict[tuple[str, int], list[float]] = {}
+        gcm = self.t21()
         for k, s in enumerate(self.starts(n + 1)):
             ens = self.wm.forecast(self.truth[s], n * 6, self.b.members, self.gen(k))  # (M, n, C, H, W)
             truth = self.truth[s + 1: s + 1 + n]
+            t21 = None
+            if gcm is not None:
+                state = {v: self.truth[s, self.wm.channels_of(v)].numpy().squeeze(0) if v == "surface_pressure"
+                         else self.truth[s, self.wm.channels_of(v)].numpy() for v in PROGNOSTIC}
+                t21 = gcm.forecast(state, self.start_datetime(s), n * 6)
             for var, lv, c in self.headline():
                 for j in range(n):
                     y = truth[j, c].numpy()
@@ -116,6 +156,9 @@ class Evaluation:
                         ("persistence", "rmse"): scores.rmse(self.truth[s, c].numpy(), y, self.lat),
                         ("climatology", "rmse"): scores.rmse(clim[c].numpy(), y, self.lat),
                     }
+                    if t21 is not None:
+                        field = t21[var][j] if lv is None else t21[var][j][self.level_index(var, lv)]
+                        scored[("gcm_t21", "rmse")] = scores.rmse(field, y, self.lat)
                     for (method, metric), v in scored.items():
                         per_lead.setdefault((f"{var}|{lv}|{(j + 1) * 6}|{method}|{metric}", 0), []).append(float(v))
         for (key, _), lead_vals in per_lead.items():
@@ -216,6 +259,24 @@ class Evaluation:
         dP = out["wind"][1] / max(out["prior"][1], 1e-12) - 1
         self.add("warming", "precipitation", None, self.b.warming_days * 24, "wind", "p99_change_percent_per_K",
                  100 * dP / dT if abs(dT) > 1e-6 else float("nan"))
+        self.add("warming", "precipitation", None, 0, "clausius_clapeyron", "p99_change_percent_per_K", 7.0)
+        if self.warm is not None:
+            self.gcm_warming(tc, pc)
+
+    def gcm_warming(self, tc: list[int], pc: int) -> None:
+        """The GCM's own answer: the same period run with SST + 2 K against the control (``--data``)."""
+        n = min(len(self.warm), len(self.truth))  # type: ignore[arg-type]
+        assert self.warm is not None
+        w = torch.from_numpy(scores.latitude_weights(self.lat))[:, None].float()
+        stats = {}
+        for name, x in (("control", self.truth[:n]), ("warm", self.warm[:n])):
+            stats[name] = (float((x[:, tc] * w).mean()), float(np.percentile(x[:, pc].numpy(), 99)))
+        dT = stats["warm"][0] - stats["control"][0]
+        dP = stats["warm"][1] / max(stats["control"][1], 1e-12) - 1
+        self.add("warming", "temperature", None, n * 6, "gcm_sst_plus_2k", "mean_change", dT)
+        self.add("warming", "precipitation", None, n * 6, "gcm_sst_plus_2k", "p99_change_percent", 100 * dP)
+        self.add("warming", "precipitation", None, n * 6, "gcm_sst_plus_2k", "p99_change_percent_per_K",
+                 100 * dP / dT if abs(dT) > 1e-6 else float("nan"))
 
     # -- outputs ---------------------------------------------------------------------------
     def _spectrum_figure(self, spec: dict[str, np.ndarray], name: str, title: str) -> None:
@@ -261,7 +322,7 @@ class Evaluation:
         vars_ = sorted({(r["variable"], r["level"]) for r in recs}, key=str)
         fig, axes = plt.subplots(1, len(vars_), figsize=(4 * len(vars_), 3.2), constrained_layout=True, squeeze=False)
         for ax, (v, lv) in zip(axes[0], vars_, strict=False):
-            for method in ("wind", "persistence", "climatology"):
+            for method in ("wind", "persistence", "climatology", "gcm_t21"):
                 pts = sorted((r["lead_hours"], r["value"]) for r in recs
                              if r["variable"] == v and r["level"] == lv and r["method"] == method)
                 ax.plot([p[0] / 24 for p in pts], [p[1] for p in pts], marker=".", label=method)
@@ -280,7 +341,8 @@ class Evaluation:
         for r in self.records:
             lines.append(f"| {r['task']} | {r['variable']} | {r['level'] if r['level'] is not None else ''} | "
                          f"{r['lead_hours']:g} | {r['method']} | {r['metric']} | {r['value']:.4g} |")
-        (self.out / "report.md").write_text("# wind-bmi evaluation\n\n" + "\n".join(lines) + "\n")
+        notes = "".join(f"- {n}\n" for n in self.notes) + ("\n" if self.notes else "")
+        (self.out / "report.md").write_text("# wind-bmi evaluation\n\n" + notes + "\n".join(lines) + "\n")
 
 
 def kriging(obs: np.ndarray, lat: np.ndarray, lon: np.ndarray, length_km: float = 1000.0,
@@ -311,13 +373,13 @@ def kriging(obs: np.ndarray, lat: np.ndarray, lon: np.ndarray, length_km: float 
 
 
 def run_evaluation(task: str, data: str | Path, out: str | Path, quick: bool = False, model: str | None = None,
-                   seed: int = 0, paper: bool = False) -> Path:
+                   seed: int = 0, paper: bool = False, warm_data: str | Path | None = None) -> Path:
     """Run one task (or ``all``) and write ``metrics.json``, ``report.md`` and figures into ``out``."""
     tasks = TASKS if task == "all" else (task,)
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"TASK must be one of {TASKS + ('all',)}, got {task!r}")
-    ev = Evaluation(data, out, QUICK if quick else (PAPER if paper else FULL), model, seed)
+    ev = Evaluation(data, out, QUICK if quick else (PAPER if paper else FULL), model, seed, warm_data)
     t0 = time.perf_counter()
     for t in tasks:
         getattr(ev, t)()
