@@ -96,7 +96,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from wind_bmi.evaluation.bench import run_bench
 
-    path = run_bench(args.out, quick=args.quick, model=args.model)
+    path = run_bench(args.out, quick=args.quick, model=args.model, steps=args.steps)
     print(f"wrote {path} and {path.parent / 'bench.md'}")
     return 0
 
@@ -179,4 +179,5 @@ def add_commands(sub: Any) -> None:
     be.add_argument("--out", required=True, help="output folder")
     be.add_argument("--quick", action="store_true", help="few repetitions, small sizes (for tests)")
     be.add_argument("--model", help="model card (default: the shipped prior)")
+    be.add_argument("--steps", type=int, help="sampler steps per window (default: the BMI default sampler.steps)")
     be.set_defaults(func=cmd_bench)
