@@ -186,6 +186,10 @@ class Evaluation:
                 for m, arr in interp.items():
                     self.add("downscale", var, lv, 0, m, "rmse", scores.rmse(arr[:, c], y, self.lat).mean())
                 if k == 0:
+                    up = np.repeat(np.repeat(c_np[-1, c], 4, axis=-2), 4, axis=-1)
+                    self._map_figure({"truth": y[-1], "coarse input": up, "WIND": fine[-1, c].numpy(),
+                                      "bilinear": interp["bilinear"][-1, c]}, f"downscale_map_{var}.png",
+                                     f"4x downscaling, {var} {lv if lv is not None else ''}")
                     spec = {m: scores.zonal_power_spectrum(a, self.lat).mean(axis=0) for m, a in
                             (("truth", y), ("wind", fine[:, c].numpy()), ("bilinear", interp["bilinear"][:, c]))}
                     self._spectrum_figure(spec, f"downscale_spectrum_{var}.png", f"{var} {lv}")
@@ -219,6 +223,12 @@ class Evaluation:
                     "kriging": torch.from_numpy(kriging(obs.numpy(), self.lat, self.wm.lon.numpy())),
                 }
                 unobs = ~observed
+                if k == 0:
+                    c = self.headline()[0][2]
+                    self._map_figure({"truth": truth[-1, c].numpy(), f"observed ({frac:.0%})": obs[-1, c].numpy(),
+                                      "WIND": results["wind"][-1, c].numpy(), "kriging": results["kriging"][-1, c].numpy()},
+                                     f"sparse_map_{int(frac * 100)}pct.png",
+                                     f"sparse reconstruction, {self.headline()[0][0]} {self.headline()[0][1]}")
                 for var, lv, c in self.headline():
                     y = truth[:, c]
                     m = unobs[:, c]
@@ -240,18 +250,27 @@ class Evaluation:
         self._series_figure(series, "mass_drift.png", "relative dry-air-mass drift")
 
     def warming(self) -> None:
-        init = self.truth[0]
+        """A storm case (the frame with the heaviest 99th-percentile precipitation), free vs +2 K / +14 % q."""
         pc = self.wm.channel_index("precipitation")
         tc = self.wm.channels_of("temperature")
-        out = {}
+        need = int(self.b.warming_days * 4)
+        candidates = self.truth[: max(1, len(self.truth) - need), pc].reshape(-1, self.wm.H * self.wm.W)
+        s = int(torch.quantile(candidates.float(), 0.99, dim=1).argmax())
+        init = self.truth[s]
+        self.notes.append(f"warming storm case: frame {s} ({self.start_datetime(s)})")
+        out, fields = {}, {}
         for method, dt in (("prior", 0.0), ("wind", 2.0)):
             if dt:
-                x = self.wm.warming(init, self.b.warming_days, 1, delta_t=dt, humidity_percent=14.0,
+                x = self.wm.warming(init, self.b.warming_days, self.b.members, delta_t=dt, humidity_percent=14.0,
                                     generator=self.gen(700))
             else:
-                x = self.wm.rollout(init, self.b.warming_days, 1, self.gen(700))
+                x = self.wm.rollout(init, self.b.warming_days, self.b.members, self.gen(700))
             w = torch.from_numpy(scores.latitude_weights(self.lat))[:, None].float()
-            out[method] = (float((x[0][:, tc] * w).mean()), float(np.percentile(x[0][:, pc].numpy(), 99)))
+            out[method] = (float((x[:, :, tc] * w).mean()), float(np.percentile(x[:, :, pc].numpy(), 99)))
+            fields[method] = x[:, :, pc].mean(dim=(0, 1)).numpy()
+        self._map_figure({m: fields[m] for m in ("prior", "wind")} | {"change": fields["wind"] - fields["prior"]},
+                         "warming_precip_map.png", "storm case: mean precipitation (kg m-2 s-1), free vs +2 K / +14 % q",
+                         cmap="viridis")
         for method, (t_mean, p99) in out.items():
             self.add("warming", "temperature", None, self.b.warming_days * 24, method, "mean", t_mean)
             self.add("warming", "precipitation", None, self.b.warming_days * 24, method, "p99", p99)
@@ -293,6 +312,32 @@ class Evaluation:
         ax.set_title(title)
         ax.legend()
         fig.savefig(self.out / name, dpi=90)
+        plt.close(fig)
+
+    def _map_figure(self, panels: dict[str, np.ndarray], name: str, title: str, cmap: str = "RdBu_r") -> None:
+        """Side-by-side lat-lon maps on a shared colour scale, with the land-sea outline of the data's mask."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        lon, lat = self.wm.lon.numpy(), self.lat
+        finite = np.concatenate([p[np.isfinite(p)].ravel() for p in panels.values()])
+        lo, hi = np.percentile(finite, [1, 99]) if finite.size else (0.0, 1.0)
+        fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 2.4), constrained_layout=True,
+                                 squeeze=False)
+        im = None
+        for ax, (label, field) in zip(axes[0], panels.items(), strict=True):
+            im = ax.pcolormesh(lon, lat, field, vmin=lo, vmax=hi, cmap=cmap, shading="nearest")
+            if self.land is not None:
+                ax.contour(lon, lat, self.land, levels=[0.5], colors="k", linewidths=0.5)
+            ax.set_title(label, fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        if im is not None:
+            fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+        fig.suptitle(title, fontsize=10)
+        fig.savefig(self.out / name, dpi=80)
         plt.close(fig)
 
     def _series_figure(self, series: dict[str, np.ndarray], name: str, ylabel: str) -> None:
