@@ -179,7 +179,7 @@ class Regridder:
         if not esmpy_available():
             raise ImportError("esmpy is not installed (optional extra [esmf], conda-only); use Regridder.build(...) "
                               "or an ESMF weight file via Regridder.from_esmf_weights(...)")
-        raise NotImplementedError("esmpy weight generation is not wired up in this release")  # pragma: no cover
+        return cls(_esmpy_weights(src, dst, method), src.shape, dst.shape, f"esmpy {method}")  # pragma: no cover
 
     @classmethod
     def from_esmf_weights(cls, path: str | Path, src_shape: tuple[int, ...] | None = None,
@@ -275,6 +275,41 @@ class Regridder:
             nc.title = "wind-bmi regridding weights (ESMF offline weight file format)"
         os.replace(tmp, path)
         return path
+
+
+def _esmpy_grid(esmpy: Any, g: LatLonGrid) -> Any:  # pragma: no cover - esmpy is conda-only
+    """An ESMF grid (spherical degrees, periodic in longitude, poles) with centres and corners.
+
+    ESMF indexes ``(lon, lat)`` with longitude fastest, so its 1-based sequence index minus one is
+    our C-order ``(lat, lon)`` flat index.
+    """
+    grid = esmpy.Grid(np.array([g.lon.size, g.lat.size]), staggerloc=[esmpy.StaggerLoc.CENTER, esmpy.StaggerLoc.CORNER],
+                      coord_sys=esmpy.CoordSys.SPH_DEG, num_peri_dims=1, periodic_dim=0, pole_dim=1)
+    for stagger, lon, lat in ((esmpy.StaggerLoc.CENTER, g.lon, g.lat),
+                              (esmpy.StaggerLoc.CORNER, g.lon_edges()[:-1], g.lat_edges())):
+        x = grid.get_coords(0, staggerloc=stagger)
+        y = grid.get_coords(1, staggerloc=stagger)
+        x[...] = np.asarray(lon)[grid.lower_bounds[stagger][0]:grid.upper_bounds[stagger][0], None]
+        y[...] = np.asarray(lat)[None, grid.lower_bounds[stagger][1]:grid.upper_bounds[stagger][1]]
+    return grid
+
+
+def _esmpy_weights(src: LatLonGrid, dst: LatLonGrid, method: str) -> sp.csr_matrix:  # pragma: no cover
+    """Weights from ``esmpy.Regrid(..., factors=True)`` (single PET); untested here: esmpy is conda-only."""
+    import esmpy
+
+    methods = {"conservative": esmpy.RegridMethod.CONSERVE, "bilinear": esmpy.RegridMethod.BILINEAR}
+    if method not in methods:
+        raise RegridError(f"method must be one of {sorted(methods)}, got {method!r}")
+    src_field = esmpy.Field(_esmpy_grid(esmpy, src), name="src")
+    dst_field = esmpy.Field(_esmpy_grid(esmpy, dst), name="dst")
+    regrid = esmpy.Regrid(src_field, dst_field, regrid_method=methods[method],
+                          unmapped_action=esmpy.UnmappedAction.IGNORE, factors=True)
+    index, factors = regrid.get_factors()
+    W = sp.csr_matrix((np.asarray(factors, dtype=np.float64), (np.asarray(index[:, 1]) - 1, np.asarray(index[:, 0]) - 1)),
+                      shape=(int(np.prod(dst.shape)), int(np.prod(src.shape))))
+    regrid.destroy()
+    return W
 
 
 def _resolve_shape(path: Path, which: str, given: tuple[int, ...] | None, in_file: tuple[int, ...] | None,
