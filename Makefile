@@ -4,15 +4,21 @@ TORCH_VERSION ?= 2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 EXTRAS ?= speedy,mpi,test,dev
-STAMP := $(VENV)/.installed-$(TORCH_VERSION)
+TORCH_STAMP := $(VENV)/.torch-$(TORCH_VERSION)
+STAMP := $(VENV)/.installed
+# strict editable installs map each module file: re-install when a module is added or removed
+SOURCES := $(sort $(wildcard wind_bmi/*.py wind_bmi/*/*.py model/*.py coupling/*.py))
 
 .PHONY: install demo test lint bench clean
 
-$(STAMP): pyproject.toml
+$(TORCH_STAMP):
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first, pinned, so no dependency range pulls a multi-GB CUDA build
 	$(BIN)/pip install --quiet torch==$(TORCH_VERSION)
+	touch $(TORCH_STAMP)
+
+$(STAMP): $(TORCH_STAMP) pyproject.toml $(SOURCES)
 	$(BIN)/pip install --quiet -e ".[$(EXTRAS)]" --config-settings editable_mode=strict
 	touch $(STAMP)
 
