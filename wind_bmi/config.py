@@ -127,8 +127,8 @@ class TrainConfig:
 class SamplerConfig:
     """Reverse diffusion: number of steps and DDIM/DDPM stochasticity ``eta``."""
 
-    steps: int = 32
-    eta: float = 1.0
+    steps: int = 8
+    eta: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)

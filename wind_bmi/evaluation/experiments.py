@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from wind_bmi.config import SamplerConfig
 from wind_bmi.data.layouts import open_any
 from wind_bmi.data.windows import Channel, stack_channels
 from wind_bmi.evaluation import scores
@@ -45,8 +46,8 @@ class Budget:
 
 
 QUICK = Budget(init_dates=1, members=2, forecast_hours=24, steps=6, windows=1, mass_days=1, warming_days=1)
-# the committed report (2-core CPU, ~10 minutes); PAPER is the paper-scale protocol for a faster machine
-FULL = Budget(init_dates=3, members=4, forecast_hours=3 * 24, steps=12, windows=2, mass_days=15, warming_days=1)
+# the committed report (2-core CPU, ~15 minutes); PAPER is the paper-scale protocol for a faster machine
+FULL = Budget(init_dates=4, members=8, forecast_hours=7 * 24, steps=8, windows=2, mass_days=60, warming_days=3)
 PAPER = Budget(init_dates=8, members=8, forecast_hours=14 * 24, steps=32, windows=8, mass_days=365, warming_days=3)
 
 
@@ -55,7 +56,7 @@ class Evaluation:
 
     def __init__(self, data: str | Path, out: str | Path, budget: Budget, model: str | None = None,
                  seed: int = 0, warm_data: str | Path | None = None) -> None:
-        self.wm = WindModel(load_prior(model), "cpu", bf16=True, steps=budget.steps)
+        self.wm = WindModel(load_prior(model), "cpu", bf16=True, steps=budget.steps, eta=SamplerConfig().eta)
         self.b = budget
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
