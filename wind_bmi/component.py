@@ -14,7 +14,7 @@ import json
 import os
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cftime
 import numpy as np
@@ -24,12 +24,14 @@ from safetensors.numpy import load_file as np_load_file
 from safetensors.numpy import save_file as np_save_file
 
 from wind_bmi.config import BmiConfig, to_dict
-from wind_bmi.coupling.regrid import LatLonGrid, Regridder, RegridError
 from wind_bmi.data.layouts import LayoutError, open_any
 from wind_bmi.data.windows import Channel, stack_channels
 from wind_bmi.model.checkpoint import CheckpointError, load_prior
 from wind_bmi.model.operators import AreaMeanOperator, AveragePoolOperator, MaskOperator, Observation, SparseLinearOperator
 from wind_bmi.model.tasks import Constraint, WindModel
+
+if TYPE_CHECKING:  # scipy (via the regridder) registers a warnings filter on import: load it only when used
+    from wind_bmi.coupling.regrid import LatLonGrid, Regridder
 
 SAMPLE_NAME = "sample_speedy_t31.nc"
 STATE_VARIABLES = ("temperature", "u_wind", "v_wind", "specific_humidity", "surface_pressure", "precipitation")
@@ -113,6 +115,8 @@ class WindComponent:
     # -- host grid ----------------------------------------------------------------------
     def _setup_host_grid(self) -> None:
         """Build (or read) ``W``: WIND grid -> host grid, for host-grid observations ``y = W x``."""
+        from wind_bmi.coupling.regrid import LatLonGrid, Regridder, RegridError
+
         hg = self.cfg.host_grid
         if hg.resolution_deg:
             if hg.lat or hg.lon:
