@@ -79,3 +79,13 @@ model:
   heads: 2
   in_patch: 1
 """
+
+
+def write_bmi_config(path: Path, tiny_model: Path, ic: Path, **over: object) -> Path:
+    """A WindBmi YAML on the tiny prior (4 sampler steps, 2002-03-02 start); ``over`` replaces keys."""
+    import yaml
+
+    cfg = {"kind": "bmi", "model": str(tiny_model), "initial_condition": str(ic), "sampler": {"steps": 4, "eta": 1.0},
+           "start_time": "2002-03-02 00:00:00", **over}
+    path.write_text(yaml.safe_dump(cfg))
+    return path

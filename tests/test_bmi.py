@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from helpers import write_dataset
+from helpers import write_bmi_config, write_dataset
 
 from wind_bmi import WindBmi
 from wind_bmi.bmi import VARIABLE_TABLE
@@ -21,12 +21,8 @@ PS_NAME = "land_surface_air__pressure"
 @pytest.fixture()
 def bmi_config(tiny_model: Path, tmp_path: Path) -> Path:
     ic = write_dataset(tmp_path / "ic", "2002-03-01", 2, seed=5)
-    cfg = {"kind": "bmi", "model": str(tiny_model), "initial_condition": str(ic), "members": 3, "seed": 7,
-           "context_frames": 1, "sampler": {"steps": 4, "eta": 1.0}, "guidance": {"method": "mmps", "cg_iterations": 1},
-           "start_time": "2002-03-02 00:00:00", "run_hours": 48.0}
-    p = tmp_path / "bmi.yaml"
-    p.write_text(yaml.safe_dump(cfg))
-    return p
+    return write_bmi_config(tmp_path / "bmi.yaml", tiny_model, ic, members=3, seed=7, context_frames=1,
+                            guidance={"method": "mmps", "cg_iterations": 1}, run_hours=48.0)
 
 
 def make(cfg: Path, **over: object) -> WindBmi:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from helpers import write_dataset
+from helpers import write_bmi_config, write_dataset
 from wind_bmi.coupling.coupler import Coupler, CouplerError, Exchange
 from wind_bmi.coupling.regrid import LatLonGrid
 
@@ -23,11 +23,7 @@ HOST_T = "atmosphere_air__host_observed_temperature"
 @pytest.fixture()
 def wind_cfg(tiny_model: Path, tmp_path: Path) -> Path:
     ic = write_dataset(tmp_path / "ic", "2002-03-01", 2, seed=5)
-    cfg = {"kind": "bmi", "model": str(tiny_model), "initial_condition": str(ic), "members": 2, "seed": 3,
-           "sampler": {"steps": 4, "eta": 1.0}, "start_time": "2002-03-02 00:00:00", "run_hours": 96.0}
-    p = tmp_path / "wind.yaml"
-    p.write_text(yaml.safe_dump(cfg))
-    return p
+    return write_bmi_config(tmp_path / "wind.yaml", tiny_model, ic, members=2, seed=3, run_hours=96.0)
 
 
 def pair(wind_cfg: Path, tmp_path: Path, res: float = 45.0) -> tuple[WindBmi, object]:

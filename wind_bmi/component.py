@@ -137,6 +137,7 @@ class WindComponent:
                 self.host = Regridder.build(wind, self.host_grid, hg.method)
         except RegridError as exc:
             raise ComponentError(f"config key 'host_grid': {exc}") from exc
+        self.host_covered = (self.host.weights.getnnz(axis=1) > 0).reshape(self.host_grid.shape)
         levels = np.asarray(self.levels, dtype=np.float64)
         self.host_level = int(np.argmin(np.abs(levels - hg.sigma)))
 
@@ -150,8 +151,7 @@ class WindComponent:
         if self.host is None or self.host_grid is None:
             raise ComponentError("host-grid observations need 'host_grid' in the config")
         values = np.asarray(values, dtype=np.float64).reshape(self.host_grid.shape)
-        covered = np.asarray(abs(self.host.weights).sum(axis=1)).reshape(self.host_grid.shape) > 0
-        bad = np.isfinite(values) & ~covered
+        bad = np.isfinite(values) & ~self.host_covered
         if bad.any():
             raise ComponentError(f"{variable}: {int(bad.sum())} host cell(s) have values but no WIND cells map to "
                                  "them (weights rows are empty); set them to NaN")
@@ -161,7 +161,7 @@ class WindComponent:
         obs: list[Observation] = []
         if self.host is None:
             return obs
-        Wm = self.host.weights.tocsr()
+        Wm = self.host.weights
         for var, values in self.pending.host_grid.items():
             flat = values.reshape(-1)
             rows = np.flatnonzero(np.isfinite(flat))
