@@ -123,7 +123,8 @@ def run_assimilation(cfg: AssimilationConfig, out: str | Path, comm: Any = None)
     stations = rng.choice(H * W, size=max(1, int(cfg.obs_fraction * H * W)), replace=False)
     lat_w = np.cos(np.deg2rad(comp.model.lat.numpy()))[None, :, None] * np.ones((K, H, W))
     lat_w = (lat_w / lat_w.mean()).reshape(-1)
-    history: dict[str, list[float]] = {"rmse_analysis": [], "rmse_free": [], "spread_analysis": [], "n_obs": []}
+    history: dict[str, list[float]] = {"rmse_analysis": [], "rmse_free": [], "spread_analysis": [], "n_obs": [],
+                                       "rmse_analysis_observed": [], "rmse_analysis_unobserved": []}
     mean_frames, spread_frames, out_times = [], [], []
     failed: str | None = None
     for cycle in range(cfg.cycles):
@@ -175,6 +176,11 @@ def run_assimilation(cfg: AssimilationConfig, out: str | Path, comm: Any = None)
         history["rmse_free"].append(float(np.sqrt(np.mean(lat_w * (fmean - truth) ** 2))))
         history["spread_analysis"].append(float(np.sqrt(np.mean(lat_w * var))))
         history["n_obs"].append(int(g_idx.size))
+        seen = np.zeros(n, dtype=bool)
+        seen[g_idx] = True  # the analysis where observed (fit to the data) and away from them
+        for key, sel in (("rmse_analysis_observed", seen), ("rmse_analysis_unobserved", ~seen)):
+            wsel = lat_w[sel]
+            history[key].append(float(np.sqrt(np.sum(wsel * (mean - truth)[sel] ** 2) / max(wsel.sum(), 1e-12))))
         if cycle == 0:
             history["duplicates_merged"] = [n_dup]
             history["outside_grid_dropped"] = [n_out]
@@ -191,10 +197,11 @@ def run_assimilation(cfg: AssimilationConfig, out: str | Path, comm: Any = None)
             for f in out.glob("*.tmp"):
                 f.unlink()
         raise AssimilationError(f"assimilation stopped at a cycle: {failed}")
-    ra, rf, sp = (np.mean(history[k][len(history[k]) // 2:]) for k in ("rmse_analysis", "rmse_free",
-                                                                         "spread_analysis"))
+    ra, rf, sp, ro, ru = (np.mean(history[k][len(history[k]) // 2:]) for k in (
+        "rmse_analysis", "rmse_free", "spread_analysis", "rmse_analysis_observed", "rmse_analysis_unobserved"))
     summary = {"cycles": cfg.cycles, "ranks": size, "members": cfg.members, "obs_error_K": cfg.obs_error,
                "rmse_analysis_K": float(ra), "rmse_free_K": float(rf), "spread_analysis_K": float(sp),
+               "rmse_analysis_observed_K": float(ro), "rmse_analysis_unobserved_K": float(ru),
                "ssr": float(sp / ra) if ra > 0 else float("nan"), "history": history,
                "note": "means over the second half of the cycles; latitude-weighted over all levels"}
     if rank == 0:
@@ -226,6 +233,7 @@ def _figure(history: dict[str, list[float]], obs_error: float, path: Path) -> No
     fig, ax = plt.subplots(figsize=(6, 3.5), constrained_layout=True)
     ax.plot(days, history["rmse_free"], label="free ensemble mean RMSE")
     ax.plot(days, history["rmse_analysis"], label="analysis mean RMSE")
+    ax.plot(days, history["rmse_analysis_observed"], lw=0.8, label="analysis RMSE at observed points")
     ax.plot(days, history["spread_analysis"], "--", label="analysis spread")
     ax.axhline(obs_error, color="k", lw=0.8, ls=":", label="observation error")
     ax.set_xlabel("days")

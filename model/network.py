@@ -20,11 +20,15 @@ def sphere_pad(x: Tensor, p: int) -> Tensor:
     """Pad ``(N, C, H, W)`` by ``p`` cells: pole-crossing in latitude, circular in longitude."""
     if p == 0:
         return x
-    W = x.shape[-1]
-    south = x[..., :p, :].flip(-2).roll(W // 2, dims=-1)  # rows beyond the first latitude row
-    north = x[..., -p:, :].flip(-2).roll(W // 2, dims=-1)
-    x = torch.cat([south, x, north], dim=-2)
-    return F.pad(x, (p, p, 0, 0), mode="circular")
+    H, W = x.shape[-2:]
+    # one allocation and one full copy (cat + circular pad made two): the padding is ~15 % of a forward
+    out = x.new_empty(*x.shape[:-2], H + 2 * p, W + 2 * p)
+    out[..., p:H + p, p:W + p] = x
+    out[..., :p, p:W + p] = x[..., :p, :].flip(-2).roll(W // 2, dims=-1)  # rows beyond the first latitude row
+    out[..., H + p:, p:W + p] = x[..., -p:, :].flip(-2).roll(W // 2, dims=-1)
+    out[..., :p] = out[..., W:W + p]  # circular in longitude, halo rows included
+    out[..., W + p:] = out[..., p:2 * p]
+    return out
 
 
 class SphereConv(nn.Module):

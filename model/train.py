@@ -49,6 +49,19 @@ class TrainSettings:
     bf16: bool = True
     val_windows: int = 64
     seed: int = 0
+    lat_weight_floor: float = 0.0
+
+
+def loss_latitude_weights(area_weights: Tensor, floor: float) -> Tensor:
+    """Per-row loss weights: the area weights (mean 1) raised to at least ``floor``, renormalised to mean 1.
+
+    Pure area weights (``floor`` 0) give the rows next to the poles ~0.05 of the mean weight on a T31
+    Gaussian grid, so an undertrained network leaves them noisy; a floor trains them too.
+    """
+    if not 0.0 <= floor <= 1.0:
+        raise ValueError(f"lat_weight_floor must be in [0, 1], got {floor}")
+    w = torch.clamp(area_weights, min=floor)
+    return w / w.mean()
 
 
 NOISE_BANDS = ((0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0))

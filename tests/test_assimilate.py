@@ -48,6 +48,8 @@ def test_two_rank_cycle_and_faults(tmp_path: Path) -> None:
     assert summary["history"]["outside_grid_dropped"] == [3] and summary["history"]["duplicates_merged"] == [5]
     assert all(n > 0 for n in summary["history"]["n_obs"])  # rank 0's stream still reaches rank 1's member
     assert summary["rmse_analysis_K"] < summary["rmse_free_K"]
+    # MMPS fits the analysis to the data where they are: closer to the truth there than away from them
+    assert summary["rmse_analysis_observed_K"] < summary["rmse_analysis_unobserved_K"]
     assert (tmp_path / "ok" / "analysis.nc").exists() and (tmp_path / "ok" / "osse.png").exists()
     bad = _run(tmp_path, "bad", fail_rank=1)
     assert bad.returncode != 0

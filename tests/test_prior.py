@@ -17,7 +17,7 @@ from wind_bmi.model.checkpoint import CheckpointError, load_prior
 from wind_bmi.model.network import UViT, sphere_pad
 from wind_bmi.model.sampler import sample_window
 from wind_bmi.model.schedule import CosineVPSchedule
-from wind_bmi.model.train import batch_indices, sample_levels
+from wind_bmi.model.train import batch_indices, loss_latitude_weights, sample_levels
 
 from wind_bmi.config import load_config
 from wind_bmi.training import run_training
@@ -60,6 +60,11 @@ def test_sphere_padding_crosses_poles_and_wraps_longitude() -> None:
     # beyond the south pole: row 0 seen from the other side (rolled by half the longitudes)
     assert torch.equal(p[0, 0, 0, 1:-1], x[0, 0, 0].roll(4))
     assert torch.equal(p[0, 0, -1, 1:-1], x[0, 0, -1].roll(4))
+    assert torch.equal(sphere_pad(x, 2)[0, 0, 0, 2:-2], x[0, 0, 1].roll(4))  # two rows beyond: mirrored order
+    # corners: the halo rows wrap in longitude too; gradients reach every source cell (in-place fills)
+    assert torch.equal(p[0, 0, 0, 0], p[0, 0, 0, -2]) and torch.equal(p[0, 0, -1, -1], p[0, 0, -1, 1])
+    xd = torch.randn(1, 2, 4, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v: sphere_pad(v, 2), (xd,))
 
 
 def test_schedule_clean_frames_are_exact() -> None:
@@ -107,6 +112,20 @@ def test_data_order_and_levels_are_deterministic() -> None:
     for row in t[(t == 0).any(dim=1)]:
         k = int((row == 0).sum())
         assert torch.all(row[:k] == 0) and torch.all(row[k:] > 0)
+
+
+def test_loss_latitude_weight_floor_lifts_the_polar_rows() -> None:
+    from wind_bmi.model.physics import latitude_weights
+
+    lat = torch.linspace(-87.2, 87.2, 48, dtype=torch.float64)
+    area = latitude_weights(lat)
+    assert torch.equal(loss_latitude_weights(area, 0.0), area / area.mean())  # 0: pure area weights
+    w = loss_latitude_weights(area, 0.3)
+    assert float(w.mean()) == pytest.approx(1.0)
+    assert float(area[0]) < 0.1 and float(w[0]) > 0.25  # polar rows: ~0.05 -> the floor (after renormalising)
+    assert torch.allclose(w[20] / w[27], area[20] / area[27])  # rows above the floor keep their ratios
+    with pytest.raises(ValueError, match="lat_weight_floor"):
+        loss_latitude_weights(area, 1.5)
 
 
 def test_training_reduces_loss_and_checkpoint_round_trips(tiny_model: Path) -> None:

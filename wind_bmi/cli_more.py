@@ -88,7 +88,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from wind_bmi.evaluation.experiments import run_evaluation
 
     path = run_evaluation(args.task, args.data, args.out, quick=args.quick, model=args.model, seed=args.seed,
-                          paper=args.paper, warm_data=args.warm_data)
+                          warm_data=args.warm_data)
     print(f"wrote {path} and {path.parent / 'report.md'}")
     return 0
 
@@ -149,8 +149,8 @@ def add_commands(sub: Any) -> None:
     ev.add_argument("task", choices=["forecast", "downscale", "temporal", "sparse", "mass", "warming", "all"])
     ev.add_argument("--data", required=True, help="held-out data (file or folder, any recognised layout)")
     ev.add_argument("--out", required=True, help="output folder")
-    ev.add_argument("--quick", action="store_true", help="tiny sizes for CI (<= 3 minutes)")
-    ev.add_argument("--paper", action="store_true", help="paper-scale sizes (8 dates, 8 members, 14 days, 1-year mass run)")
+    ev.add_argument("--quick", action="store_true", help="tiny sizes for CI (<= 3 minutes); default: 8 dates, "
+                                                   "8 members, 14-day forecasts, a 1-year mass run")
     ev.add_argument("--model", help="model card (default: the shipped prior)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--warm-data", help="the same period from the GCM with --sst-offset 2 (warming: the GCM's own "

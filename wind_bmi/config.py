@@ -95,6 +95,8 @@ class TrainConfig:
         bf16: bf16 autocast (AMX on CPU), fp32 master weights.
         val_windows: validation windows evaluated per noise band.
         seed: base seed of data order, noise and initialisation.
+        lat_weight_floor: lower bound of the per-row loss weight (area weights have mean 1); 0 = pure
+            area weights (the shipped prior), e.g. 0.3 keeps the polar rows from being left untrained.
     """
 
     data: str = "data/speedy"
@@ -118,6 +120,7 @@ class TrainConfig:
     bf16: bool = True
     val_windows: int = 64
     seed: int = 0
+    lat_weight_floor: float = 0.0
     model: ModelConfig = ModelConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     kind: str = "train"

@@ -23,7 +23,7 @@ from wind_bmi.model.checkpoint import save_prior
 from wind_bmi.model.network import UViT, count_parameters
 from wind_bmi.model.physics import latitude_weights
 from wind_bmi.model.schedule import CosineVPSchedule
-from wind_bmi.model.train import Trainer, TrainSettings, hardware_description
+from wind_bmi.model.train import Trainer, TrainSettings, hardware_description, loss_latitude_weights
 
 
 def git_commit() -> str:
@@ -104,7 +104,8 @@ def run_training(cfg: TrainConfig, data: str | None = None, out: str | None = No
         torch.manual_seed(cfg.seed)
         net = network_for(cfg, len(splits.channels), grid)
         sched = CosineVPSchedule(cfg.schedule.a_min, cfg.schedule.s_min)
-        latw = latitude_weights(torch.tensor(np.array(splits.lat, dtype=np.float64)))
+        latw = loss_latitude_weights(latitude_weights(torch.tensor(np.array(splits.lat, dtype=np.float64))),
+                                     cfg.lat_weight_floor)
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if device == "cuda" else torch.device(device)
         trainer = Trainer(net, sched, settings_from(cfg), batch_fn(splits.train), len(splits.train),
                           batch_fn(splits.val), len(splits.val), latw, cfg.out, dev)
