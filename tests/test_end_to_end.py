@@ -52,6 +52,8 @@ def test_evaluate_all_quick_records(tmp_path: Path) -> None:
     recs = json.loads((out / "metrics.json").read_text())
     keys = {"task", "variable", "level", "lead_hours", "method", "metric", "value"}
     assert recs and all(set(r) == keys for r in recs)
+    ids = [tuple(r[k] for k in sorted(keys - {"value"})) for r in recs]
+    assert len(ids) == len(set(ids)), "one record per task/variable/level/lead/method/metric"
     for task in ("forecast", "downscale", "temporal", "sparse", "mass", "warming"):
         vals = [r["value"] for r in recs if r["task"] == task and r["metric"] != "ssr"]
         assert vals and all(math.isfinite(v) for v in vals), task
@@ -70,6 +72,16 @@ def test_evaluate_all_quick_records(tmp_path: Path) -> None:
     # the T21 GCM started from the truncated truth: a real forecast, better than climatology at 24 h
     t21 = value("gcm_t21", "rmse", "temperature", 24.0)
     assert t21 < value("climatology", "rmse", "temperature", 24.0)
+
+
+def test_records_of_several_windows_are_averaged_into_one() -> None:
+    from wind_bmi.evaluation.experiments import merge_records
+
+    base = {"task": "downscale", "variable": "temperature", "level": 0.51, "lead_hours": 0.0, "method": "wind",
+            "metric": "rmse"}
+    recs = [{**base, "value": 3.0}, {**base, "value": 2.0}, {**base, "method": "bilinear", "value": 9.0}]
+    merged = merge_records(recs)
+    assert [(r["method"], r["value"]) for r in merged] == [("wind", 2.5), ("bilinear", 9.0)]
 
 
 def test_bench_quick_schema(tmp_path: Path) -> None:

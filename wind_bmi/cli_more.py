@@ -170,7 +170,7 @@ def add_commands(sub: Any) -> None:
     rp.add_argument("--out", required=True, help="folder for figures and prior_report.json")
     rp.add_argument("--model", help="model card (default: the shipped prior)")
     rp.add_argument("--days", type=float, default=60.0, help="length of the unguided rollout")
-    rp.add_argument("--steps", type=int, default=16, help="sampler steps")
+    rp.add_argument("--steps", type=int, help="sampler steps (default: the BMI's, DDIM)")
     rp.add_argument("--history", help="train_state.json with the training history")
     rp.add_argument("--no-card", action="store_true", help="do not write the report into the card")
     rp.set_defaults(func=cmd_report_prior)

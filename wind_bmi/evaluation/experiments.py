@@ -45,6 +45,7 @@ class Budget:
     warming_days: float
 
 
+RECORD_KEYS = ("task", "variable", "level", "lead_hours", "method", "metric", "value")
 QUICK = Budget(init_dates=1, members=2, forecast_hours=24, steps=6, windows=1, mass_days=1, warming_days=1)
 # the committed report: the issue's protocol (8 dates, 8 members, 14 days, a 1-year mass run) at the BMI's
 # 8 sampler steps, which score as well as 32 (README, "Sampler steps"); ~35 minutes on the 2-core CPU
@@ -380,15 +381,28 @@ class Evaluation:
         plt.close(fig)
 
     def write(self) -> None:
-        tmp = self.out / "metrics.json.tmp"
-        tmp.write_text(json.dumps(self.records, indent=1))
-        os.replace(tmp, self.out / "metrics.json")
-        lines = ["| task | variable | level | lead (h) | method | metric | value |", "|---|---|---|---|---|---|---|"]
-        for r in self.records:
-            lines.append(f"| {r['task']} | {r['variable']} | {r['level'] if r['level'] is not None else ''} | "
-                         f"{r['lead_hours']:g} | {r['method']} | {r['metric']} | {r['value']:.4g} |")
-        notes = "".join(f"- {n}\n" for n in self.notes) + ("\n" if self.notes else "")
-        (self.out / "report.md").write_text("# wind-bmi evaluation\n\n" + notes + "\n".join(lines) + "\n")
+        write_report(merge_records(self.records), self.notes, self.out)
+
+
+def merge_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per (task, variable, level, lead, method, metric): scores of several windows are averaged."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault(tuple(r[k] for k in RECORD_KEYS[:-1]), []).append(r)
+    return [{**rs[0], "value": float(np.mean([r["value"] for r in rs]))} for rs in groups.values()]
+
+
+def write_report(records: list[dict[str, Any]], notes: list[str], out: Path) -> None:
+    """``metrics.json`` (atomically) and the ``report.md`` table."""
+    tmp = out / "metrics.json.tmp"
+    tmp.write_text(json.dumps(records, indent=1))
+    os.replace(tmp, out / "metrics.json")
+    lines = ["| task | variable | level | lead (h) | method | metric | value |", "|---|---|---|---|---|---|---|"]
+    for r in records:
+        lines.append(f"| {r['task']} | {r['variable']} | {r['level'] if r['level'] is not None else ''} | "
+                     f"{r['lead_hours']:g} | {r['method']} | {r['metric']} | {r['value']:.4g} |")
+    head = "".join(f"- {n}\n" for n in notes) + ("\n" if notes else "")
+    (out / "report.md").write_text("# wind-bmi evaluation\n\n" + head + "\n".join(lines) + "\n")
 
 
 def kriging(obs: np.ndarray, lat: np.ndarray, lon: np.ndarray, length_km: float = 1000.0,

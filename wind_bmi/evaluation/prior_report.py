@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from wind_bmi.config import SamplerConfig
 from wind_bmi.data.layouts import open_any
 from wind_bmi.data.windows import Channel, WindowDataset, stack_channels
 from wind_bmi.evaluation.scores import latitude_weights, zonal_power_spectrum
@@ -37,19 +38,22 @@ def _plt() -> Any:
 
 
 def run_prior_report(data: str | Path, out: str | Path, card: str | Path | None = None, samples: int = 8,
-                     rollout_days: float = 60.0, steps: int = 16, history: str | Path | None = None,
+                     rollout_days: float = 60.0, steps: int | None = None, history: str | Path | None = None,
                      update_card: bool = True) -> dict[str, Any]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     card_path = Path(card) if card else shipped_card_path()
     prior = load_prior(card_path)
-    wm = WindModel(prior, "cpu", bf16=True, steps=steps)
+    sampler = SamplerConfig()  # the BMI's default sampler, unless ``steps`` says otherwise
+    steps = steps or sampler.steps
+    wm = WindModel(prior, "cpu", bf16=True, steps=steps, eta=sampler.eta)
     ds = open_any(data)
     phys = stack_channels(ds, [Channel(v, lv) for v, lv in wm.channels])  # (N, C, H, W)
     norm = wm.normalise(torch.from_numpy(phys)).numpy()
     windows = WindowDataset(norm, list(ds["time"].values), wm.T)
     lat = wm.lat.numpy()
-    report: dict[str, Any] = {"data": str(data), "frames": int(phys.shape[0])}
+    report: dict[str, Any] = {"data": str(data), "frames": int(phys.shape[0]),
+                              "sampler": {"steps": steps, "eta": sampler.eta}}
 
     latw = latw_torch(wm.lat).float()
     report["test_loss_per_band"] = validation_losses(prior.net, lambda idx: torch.from_numpy(windows.batch(idx)),
@@ -58,7 +62,7 @@ def run_prior_report(data: str | Path, out: str | Path, card: str | Path | None 
     g = torch.Generator().manual_seed(0)
     ctx = torch.zeros(samples, wm.T, wm.C, wm.H, wm.W)
     uncond = wm.denormalise(sample_window(wm.denoiser, wm.schedule, ctx, torch.zeros(wm.T, dtype=torch.bool),
-                                          steps=steps, generator=g)).numpy()  # (S, T, C, H, W)
+                                          steps=steps, eta=sampler.eta, generator=g)).numpy()  # (S, T, C, H, W)
     w = latitude_weights(lat)[:, None]
     stats = []
     for c, (v, lv) in enumerate(wm.channels):
