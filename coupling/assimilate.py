@@ -172,15 +172,14 @@ def run_assimilation(cfg: AssimilationConfig, out: str | Path, comm: Any = None)
         mean = s1 / cnt
         var = np.maximum(s2 / cnt - mean**2, 0.0) * cnt / max(cnt - 1, 1)
         fmean = f1 / cnt
-        history["rmse_analysis"].append(float(np.sqrt(np.mean(lat_w * (mean - truth) ** 2))))
-        history["rmse_free"].append(float(np.sqrt(np.mean(lat_w * (fmean - truth) ** 2))))
-        history["spread_analysis"].append(float(np.sqrt(np.mean(lat_w * var))))
-        history["n_obs"].append(int(g_idx.size))
         seen = np.zeros(n, dtype=bool)
         seen[g_idx] = True  # the analysis where observed (fit to the data) and away from them
-        for key, sel in (("rmse_analysis_observed", seen), ("rmse_analysis_unobserved", ~seen)):
-            wsel = lat_w[sel]
-            history[key].append(float(np.sqrt(np.sum(wsel * (mean - truth)[sel] ** 2) / max(wsel.sum(), 1e-12))))
+        history["rmse_analysis"].append(_weighted_rms(mean - truth, lat_w))
+        history["rmse_free"].append(_weighted_rms(fmean - truth, lat_w))
+        history["spread_analysis"].append(_weighted_rms(np.sqrt(var), lat_w))
+        history["rmse_analysis_observed"].append(_weighted_rms((mean - truth)[seen], lat_w[seen]))
+        history["rmse_analysis_unobserved"].append(_weighted_rms((mean - truth)[~seen], lat_w[~seen]))
+        history["n_obs"].append(int(g_idx.size))
         if cycle == 0:
             history["duplicates_merged"] = [n_dup]
             history["outside_grid_dropped"] = [n_out]
@@ -220,6 +219,11 @@ def run_assimilation(cfg: AssimilationConfig, out: str | Path, comm: Any = None)
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         _figure(history, cfg.obs_error, out / "osse.png")
     return summary
+
+
+def _weighted_rms(e: np.ndarray, w: np.ndarray) -> float:
+    """``sqrt(sum w e^2 / sum w)``: the latitude-weighted RMS of ``e`` over the cells given."""
+    return float(np.sqrt(np.sum(w * e**2) / max(float(w.sum()), 1e-12)))
 
 
 def _figure(history: dict[str, list[float]], obs_error: float, path: Path) -> None:

@@ -45,7 +45,8 @@ class Budget:
     warming_days: float
 
 
-RECORD_KEYS = ("task", "variable", "level", "lead_hours", "method", "metric", "value")
+# a record is these keys plus "value"; evaluate writes one record per key tuple
+RECORD_ID = ("task", "variable", "level", "lead_hours", "method", "metric")
 QUICK = Budget(init_dates=1, members=2, forecast_hours=24, steps=6, windows=1, mass_days=1, warming_days=1)
 # the committed report: the issue's protocol (8 dates, 8 members, 14 days, a 1-year mass run) at the BMI's
 # 8 sampler steps, which score as well as 32 (README, "Sampler steps"); ~35 minutes on the 2-core CPU
@@ -388,7 +389,7 @@ def merge_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One record per (task, variable, level, lead, method, metric): scores of several windows are averaged."""
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for r in records:
-        groups.setdefault(tuple(r[k] for k in RECORD_KEYS[:-1]), []).append(r)
+        groups.setdefault(tuple(r[k] for k in RECORD_ID), []).append(r)
     return [{**rs[0], "value": float(np.mean([r["value"] for r in rs]))} for rs in groups.values()]
 
 

@@ -23,7 +23,6 @@ from wind_bmi.data.windows import Channel, WindowDataset, stack_channels
 from wind_bmi.evaluation.scores import latitude_weights, zonal_power_spectrum
 from wind_bmi.model.checkpoint import load_prior, shipped_card_path
 from wind_bmi.model.physics import latitude_weights as latw_torch
-from wind_bmi.model.sampler import sample_window
 from wind_bmi.model.tasks import WindModel
 from wind_bmi.model.train import validation_losses
 
@@ -61,8 +60,7 @@ def run_prior_report(data: str | Path, out: str | Path, card: str | Path | None 
 
     g = torch.Generator().manual_seed(0)
     ctx = torch.zeros(samples, wm.T, wm.C, wm.H, wm.W)
-    uncond = wm.denormalise(sample_window(wm.denoiser, wm.schedule, ctx, torch.zeros(wm.T, dtype=torch.bool),
-                                          steps=steps, eta=sampler.eta, generator=g)).numpy()  # (S, T, C, H, W)
+    uncond = wm.denormalise(wm.sample(ctx, torch.zeros(wm.T, dtype=torch.bool), generator=g)).numpy()  # (S, T, C, H, W)
     w = latitude_weights(lat)[:, None]
     stats = []
     for c, (v, lv) in enumerate(wm.channels):
