@@ -52,7 +52,9 @@ def test_evaluate_all_quick_records(tmp_path: Path) -> None:
     recs = json.loads((out / "metrics.json").read_text())
     keys = {"task", "variable", "level", "lead_hours", "method", "metric", "value"}
     assert recs and all(set(r) == keys for r in recs)
-    ids = [tuple(r[k] for k in sorted(keys - {"value"})) for r in recs]
+    from wind_bmi.evaluation.experiments import RECORD_ID
+
+    ids = [tuple(r[k] for k in RECORD_ID) for r in recs]
     assert len(ids) == len(set(ids)), "one record per task/variable/level/lead/method/metric"
     for task in ("forecast", "downscale", "temporal", "sparse", "mass", "warming"):
         vals = [r["value"] for r in recs if r["task"] == task and r["metric"] != "ssr"]
