@@ -62,6 +62,7 @@ def build_network(card: dict[str, Any]) -> UViT:
         channels=tuple(arch["channels"]), blocks_per_stage=int(arch["blocks_per_stage"]),
         dim=int(arch["dim"]), depth=int(arch["depth"]), heads=int(arch["heads"]),
         patch=int(arch["patch"]), in_patch=int(arch.get("in_patch", 1)),
+        vector_channels=tuple(int(c) for c in arch.get("vector_channels", ())),
     )
 
 

@@ -78,6 +78,7 @@ model:
   depth: 1
   heads: 2
   in_patch: 1
+  pole_flip_winds: true
 """
 
 

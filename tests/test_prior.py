@@ -67,6 +67,52 @@ def test_sphere_padding_crosses_poles_and_wraps_longitude() -> None:
     assert torch.autograd.gradcheck(lambda v: sphere_pad(v, 2), (xd,))
 
 
+def test_sphere_padding_adjoint_matches_autograd_of_the_slices() -> None:
+    """The hand-written backward equals autograd through plain slicing, with and without signs."""
+    x = torch.randn(2, 3, 6, 8, dtype=torch.float64, requires_grad=True)
+    sign = torch.tensor([-1.0, 1.0, -1.0], dtype=torch.float64)[:, None, None]
+    for p in (1, 2):
+        for sg in (None, sign):
+            s = torch.ones(3, 1, 1, dtype=torch.float64) if sg is None else sg
+            rows = torch.cat([x[..., :p, :].flip(-2).roll(4, -1) * s, x, x[..., -p:, :].flip(-2).roll(4, -1) * s], -2)
+            ref = torch.cat([rows[..., -p:], rows, rows[..., :p]], -1)
+            out = sphere_pad(x, p, sg)
+            assert torch.equal(out, ref)
+            w = torch.randn_like(ref)
+            (g_ref,) = torch.autograd.grad((ref * w).sum(), x)
+            (g_new,) = torch.autograd.grad((out * w).sum(), x)
+            assert torch.allclose(g_new, g_ref, rtol=0, atol=1e-12), (p, sg is None)
+    assert torch.autograd.gradcheck(lambda v: sphere_pad(v, 1, sign), (x,))
+    with pytest.raises(ValueError, match="sign must have shape"):
+        sphere_pad(x, 1, sign[:2])
+
+
+def test_wind_components_change_sign_across_the_pole() -> None:
+    """A uniform flow over the pole is smooth across it only with the wind halo negated."""
+    H, W = 8, 32
+    lat = torch.deg2rad(torch.linspace(-78.75, 78.75, H, dtype=torch.float64))[:, None]
+    lon = torch.deg2rad(torch.arange(W, dtype=torch.float64) * 360 / W)[None, :]
+    # the constant Cartesian vector (1, 0, 0) in the local east/north axes
+    u = (-torch.sin(lon)).expand(H, W)
+    v = -torch.sin(lat) * torch.cos(lon)
+    x = torch.stack([u, v])[None]
+    sign = torch.tensor([-1.0, -1.0], dtype=torch.float64)[:, None, None]
+
+    # the same formulas continued past the pole (latitude 180 - lat, same longitude) give the halo
+    beyond = torch.deg2rad(torch.tensor(180.0 - 78.75, dtype=torch.float64))
+    expect = torch.stack([-torch.sin(lon[0]), -torch.sin(beyond) * torch.cos(lon[0])])
+    with_sign, blind = sphere_pad(x, 1, sign)[0, :, -1, 1:-1], sphere_pad(x, 1)[0, :, -1, 1:-1]
+    assert torch.allclose(with_sign, expect, atol=1e-12)
+    assert float((blind - expect).abs().max()) > 1.5  # without the sign: a jump of twice the wind
+    net = UViT(4, 5, (8, 16), channels=(8, 16), dim=32, depth=1, heads=2, vector_channels=(0, 2))
+    assert net.stem.pole_sign is not None and net.stem.pole_sign.flatten().tolist() == [-1.0, 1.0, -1.0, 1.0]
+    assert "stem.pole_sign" not in net.state_dict()  # rebuilt from the card, not stored in the weights
+    with pytest.raises(ValueError, match="vector_channels"):
+        UViT(4, 5, (8, 16), channels=(8, 16), dim=32, depth=1, heads=2, vector_channels=(4,))
+    with pytest.raises(ValueError, match="in_patch"):
+        UViT(4, 5, (8, 16), channels=(8, 16), dim=32, depth=1, heads=2, vector_channels=(0,), in_patch=2)
+
+
 def test_schedule_clean_frames_are_exact() -> None:
     s = CosineVPSchedule()
     x = torch.randn(2, 5, 1, 2, 2)
@@ -142,6 +188,11 @@ def test_training_reduces_loss_and_checkpoint_round_trips(tiny_model: Path) -> N
     saved = load_file(str(tiny_model.with_suffix(".safetensors")))
     for k, v in prior.net.state_dict().items():
         assert torch.equal(v, saved[k])
+    # pole_flip_winds: the card names the wind channels and the loaded stem negates exactly those
+    winds = [i for i, c in enumerate(card["channels"]) if c["variable"] in ("u_wind", "v_wind")]
+    assert card["architecture"]["vector_channels"] == winds and len(winds) == 2 * 3
+    sign = prior.net.stem.pole_sign
+    assert sign is not None and [i for i, s in enumerate(sign.flatten().tolist()) if s < 0] == winds
 
 
 def test_loading_rejects_corrupt_or_mismatched_weights(tiny_model: Path, tmp_path: Path) -> None:

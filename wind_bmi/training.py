@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from wind_bmi.config import TrainConfig, to_dict
+from wind_bmi.config import VECTOR_VARIABLES, TrainConfig, to_dict
 from wind_bmi.data.windows import Splits, WindowDataset, build_splits
 from wind_bmi.model.checkpoint import save_prior
 from wind_bmi.model.network import UViT, count_parameters
@@ -45,15 +45,18 @@ def batch_fn(ds: WindowDataset) -> Any:
     return get
 
 
-def network_for(cfg: TrainConfig, n_channels: int, grid: tuple[int, int]) -> UViT:
+def network_for(cfg: TrainConfig, variables: list[str], grid: tuple[int, int]) -> UViT:
+    """The UViT of ``cfg.model`` over channels whose variables are ``variables`` (one per channel)."""
     m = cfg.model
-    return UViT(n_channels, m.frames, grid, channels=m.channels, blocks_per_stage=m.blocks_per_stage, dim=m.dim,
-                depth=m.depth, heads=m.heads, patch=m.patch, in_patch=m.in_patch)
+    vector = tuple(i for i, v in enumerate(variables) if v in VECTOR_VARIABLES) if m.pole_flip_winds else ()
+    return UViT(len(variables), m.frames, grid, channels=m.channels, blocks_per_stage=m.blocks_per_stage, dim=m.dim,
+                depth=m.depth, heads=m.heads, patch=m.patch, in_patch=m.in_patch, vector_channels=vector)
 
 
 def make_card(cfg: TrainConfig, splits: Splits, net: UViT, trainer: Trainer, val: dict[str, float]) -> dict[str, Any]:
     arch = dict(to_dict(cfg.model))
     arch["in_channels"] = len(splits.channels)
+    arch["vector_channels"] = list(net.vector_channels)
     return {
         "name": Path(cfg.out).name,
         "architecture": arch,
@@ -102,7 +105,7 @@ def run_training(cfg: TrainConfig, data: str | None = None, out: str | None = No
         splits = build_splits(paths, cfg.variables, cfg.train_years, cfg.val_years, (), T=cfg.model.frames)
         grid = (len(splits.lat), len(splits.lon))
         torch.manual_seed(cfg.seed)
-        net = network_for(cfg, len(splits.channels), grid)
+        net = network_for(cfg, [c.variable for c in splits.channels], grid)
         sched = CosineVPSchedule(cfg.schedule.a_min, cfg.schedule.s_min)
         latw = loss_latitude_weights(latitude_weights(torch.tensor(np.array(splits.lat, dtype=np.float64))),
                                      cfg.lat_weight_floor)
