@@ -60,7 +60,7 @@ class ModelConfig:
         patch: spatial patch size of the tokens at the coarsest conv level.
         in_patch: pixel-unshuffle factor before the first conv (2 halves the conv grid).
         frames: window length T.
-        pole_flip_winds: negate the wind components (``VECTOR_VARIABLES``) in the first conv's
+        pole_flip_winds: negate the wind components (``variables.VECTOR_VARIABLES``) in the first conv's
             pole-crossing halo, where their local axes reverse (needs ``in_patch: 1``).
     """
 
@@ -73,10 +73,6 @@ class ModelConfig:
     in_patch: int = 2
     frames: int = 5
     pole_flip_winds: bool = False
-
-
-#: Variables that are eastward or northward components of a vector (they change sign across a pole).
-VECTOR_VARIABLES = ("u_wind", "v_wind", "10m_u_wind", "10m_v_wind", "100m_u_wind", "100m_v_wind")
 
 
 @dataclasses.dataclass(frozen=True)

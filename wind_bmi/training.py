@@ -17,13 +17,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from wind_bmi.config import VECTOR_VARIABLES, TrainConfig, to_dict
+from wind_bmi.config import TrainConfig, to_dict
 from wind_bmi.data.windows import Splits, WindowDataset, build_splits
 from wind_bmi.model.checkpoint import save_prior
 from wind_bmi.model.network import UViT, count_parameters
 from wind_bmi.model.physics import latitude_weights
 from wind_bmi.model.schedule import CosineVPSchedule
 from wind_bmi.model.train import Trainer, TrainSettings, hardware_description, loss_latitude_weights
+from wind_bmi.variables import VECTOR_VARIABLES
 
 
 def git_commit() -> str:

@@ -57,3 +57,7 @@ VARIABLES: dict[str, Variable] = {
 
 DEFAULT_CHANNEL_VARIABLES = ("u_wind", "v_wind", "temperature", "specific_humidity",
                              "surface_pressure", "precipitation")
+
+#: Eastward/northward vector components, in project names (SPEEDY and the ERA5 layouts' 10-m winds):
+#: their local axes reverse across a pole, so the network's pole-crossing halo negates them.
+VECTOR_VARIABLES = ("u_wind", "v_wind", "10m_u_wind", "10m_v_wind")
