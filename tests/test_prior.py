@@ -236,6 +236,38 @@ def test_resume_continues_bit_for_bit(tiny_data: Path, tiny_config: Path, tmp_pa
     assert not all(torch.equal(a[k], load_file(str(c.with_suffix(".safetensors")))[k]) for k in a)
 
 
+def test_fine_tuning_starts_from_the_prior_and_keeps_its_normalisation(tiny_model: Path, tiny_config: Path,
+                                                                       tmp_path: Path) -> None:
+    import dataclasses
+
+    from helpers import write_dataset
+    from safetensors.torch import load_file
+
+    other = tmp_path / "other_data"  # a different world: the re-fitted statistics would differ
+    write_dataset(other / "train", "2000-01-01", 40, seed=7)
+    write_dataset(other / "val", "2001-01-01", 10, seed=8)
+    base = json.loads(tiny_model.read_text())
+    cfg = dataclasses.replace(load_config(tiny_config), init_from=str(tiny_model), lat_weight_floor=1.0)
+    c0 = run_training(cfg, data=str(other), out=str(tmp_path / "ft0"), max_steps=0, progress=False)
+    w_base, w0 = load_file(str(tiny_model.with_suffix(".safetensors"))), load_file(str(c0.with_suffix(".safetensors")))
+    assert all(torch.equal(w_base[k], w0[k]) for k in w_base)  # zero steps: exactly the prior
+    card0 = json.loads(c0.read_text())
+    assert card0["normalisation"] == base["normalisation"]
+    assert card0["training"]["init_from"]["sha256"] == base["weights"]["sha256"]
+    assert card0["training"]["total_steps"] == base["training"]["steps"]
+    c3 = run_training(cfg, data=str(other), out=str(tmp_path / "ft3"), max_steps=3, progress=False)
+    card3 = json.loads(c3.read_text())
+    assert card3["training"]["total_steps"] == base["training"]["steps"] + 3
+    assert card3["training"]["total_wall_seconds"] > base["training"]["wall_seconds"]
+    w3 = load_file(str(c3.with_suffix(".safetensors")))
+    assert not all(torch.equal(w_base[k], w3[k]) for k in w_base)
+
+    wider = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dim=cfg.model.dim * 2))
+    with pytest.raises(ValueError, match="init_from .*architecture"):
+        run_training(wider, data=str(other), out=str(tmp_path / "bad"), max_steps=1, progress=False)
+    assert not (tmp_path / "bad" / "model.json").exists()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -79,6 +79,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from wind_bmi.training import run_training
 
     cfg = load_config(args.config, TrainConfig)
+    if args.init_from:
+        cfg = dataclasses.replace(cfg, init_from=args.init_from)
     card = run_training(cfg, data=args.data, out=args.out, resume=args.resume, max_minutes=args.max_minutes,
                         max_steps=args.max_steps, device=args.device)
     print(f"model card: {card}")
@@ -123,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--data", help="data folder (overrides the config)")
     tr.add_argument("--out", help="run folder (overrides the config)")
     tr.add_argument("--resume", action="store_true", help="continue from <out>/train_state.*")
+    tr.add_argument("--init-from", dest="init_from", help="fine-tune: start from this prior card (JSON)")
     tr.add_argument("--max-minutes", type=float, dest="max_minutes", help="stop this call after N minutes")
     tr.add_argument("--max-steps", type=int, dest="max_steps", help="stop this call at step N")
     tr.add_argument("--device", default="cpu", help="cpu or cuda")

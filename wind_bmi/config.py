@@ -99,7 +99,10 @@ class TrainConfig:
         val_windows: validation windows evaluated per noise band.
         seed: base seed of data order, noise and initialisation.
         lat_weight_floor: lower bound of the per-row loss weight (area weights have mean 1); 0 = pure
-            area weights (the shipped prior), e.g. 0.3 keeps the polar rows from being left untrained.
+            area weights, 1 = every grid row weighs the same (the cells near the poles included).
+        init_from: card (JSON) of a trained prior to start from (fine-tuning): its weights and
+            normalisation, a fresh optimiser and LR schedule; architecture, channels and grid must
+            match. Ignored by ``--resume`` once a training state exists.
     """
 
     data: str = "data/speedy"
@@ -124,6 +127,7 @@ class TrainConfig:
     val_windows: int = 64
     seed: int = 0
     lat_weight_floor: float = 0.0
+    init_from: str | None = None
     model: ModelConfig = ModelConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     kind: str = "train"

@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 
 from wind_bmi.config import TrainConfig, to_dict
-from wind_bmi.data.windows import Splits, WindowDataset, build_splits
-from wind_bmi.model.checkpoint import save_prior
+from wind_bmi.data.windows import Normalisation, Splits, WindowDataset, build_splits
+from wind_bmi.model.checkpoint import Prior, load_prior, save_prior
 from wind_bmi.model.network import UViT, count_parameters
 from wind_bmi.model.physics import latitude_weights
 from wind_bmi.model.schedule import CosineVPSchedule
@@ -54,10 +54,49 @@ def network_for(cfg: TrainConfig, variables: list[str], grid: tuple[int, int]) -
                 depth=m.depth, heads=m.heads, patch=m.patch, in_patch=m.in_patch, vector_channels=vector)
 
 
-def make_card(cfg: TrainConfig, splits: Splits, net: UViT, trainer: Trainer, val: dict[str, float]) -> dict[str, Any]:
+def check_init(prior: Prior, cfg: TrainConfig, splits: Splits, net: UViT) -> None:
+    """Raise ``ValueError`` naming what differs between the prior in ``cfg.init_from`` and this run."""
+    card, src = prior.card, cfg.init_from
+    mine = [(c.variable, c.level) for c in splits.channels]
+    theirs = [(c["variable"], c["level"]) for c in card["channels"]]
+    if [(v, None if lv is None else round(float(lv), 6)) for v, lv in mine] != \
+            [(v, None if lv is None else round(float(lv), 6)) for v, lv in theirs]:
+        raise ValueError(f"init_from {src}: channels {theirs[:3]}... differ from the data's {mine[:3]}...")
+    for key, values in (("lat", splits.lat), ("lon", splits.lon)):
+        if not np.allclose(np.asarray(card["grid"][key]), np.asarray(values), atol=1e-6):
+            raise ValueError(f"init_from {src}: grid {key} differs from the data's")
+    sched = {k: v for k, v in card["schedule"].items() if k != "kind"}
+    if sched != to_dict(cfg.schedule):
+        raise ValueError(f"init_from {src}: schedule {sched} differs from the config's {to_dict(cfg.schedule)}")
+    want = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in prior.net.state_dict().items()}
+    if want != have:
+        diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+        raise ValueError(f"init_from {src}: architecture differs from the config's model (tensors {diff[:4]})")
+
+
+def _init_record(prior: Prior, path: str) -> dict[str, Any]:
+    tr = prior.card.get("training", {})
+    return {"card": path, "name": prior.card.get("name"), "sha256": prior.card["weights"]["sha256"],
+            "steps": tr.get("total_steps", tr.get("steps")),
+            "wall_seconds": tr.get("total_wall_seconds", tr.get("wall_seconds")),
+            "git_commit": prior.card.get("git_commit")}
+
+
+def make_card(cfg: TrainConfig, splits: Splits, net: UViT, trainer: Trainer, val: dict[str, float],
+              init: dict[str, Any] | None = None) -> dict[str, Any]:
     arch = dict(to_dict(cfg.model))
     arch["in_channels"] = len(splits.channels)
     arch["vector_channels"] = list(net.vector_channels)
+    training: dict[str, Any] = {
+        "steps": trainer.step, "wall_seconds": round(trainer.wall, 1),
+        "settings": to_dict(settings_from(cfg)), "hardware": hardware_description(),
+        "windows_train": len(splits.train), "windows_val": len(splits.val),
+        "history_tail": trainer.history[-5:]}
+    if init is not None:  # fine-tuned: the totals count the prior it started from
+        training["init_from"] = init
+        training["total_steps"] = int(init["steps"] or 0) + trainer.step
+        training["total_wall_seconds"] = round(float(init["wall_seconds"] or 0.0) + trainer.wall, 1)
     return {
         "name": Path(cfg.out).name,
         "architecture": arch,
@@ -72,10 +111,7 @@ def make_card(cfg: TrainConfig, splits: Splits, net: UViT, trainer: Trainer, val
         "time_step_hours": 6,
         "normalisation": splits.norm.to_dict(),
         "provenance": splits.provenance,
-        "training": {"steps": trainer.step, "wall_seconds": round(trainer.wall, 1),
-                     "settings": to_dict(settings_from(cfg)), "hardware": hardware_description(),
-                     "windows_train": len(splits.train), "windows_val": len(splits.val),
-                     "history_tail": trainer.history[-5:]},
+        "training": training,
         "validation": val,
         "git_commit": git_commit(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -103,10 +139,16 @@ def run_training(cfg: TrainConfig, data: str | None = None, out: str | None = No
         # each sub-folder is one generator run (seed); folders still empty (being generated) are skipped
         paths = [p for p in sorted(Path(cfg.data).iterdir()) if p.is_dir() and any(p.glob("*.nc"))] \
             or [Path(cfg.data)]
-        splits = build_splits(paths, cfg.variables, cfg.train_years, cfg.val_years, (), T=cfg.model.frames)
+        init = load_prior(cfg.init_from) if cfg.init_from else None
+        norm = Normalisation.from_dict(init.card["normalisation"]) if init else None
+        splits = build_splits(paths, cfg.variables, cfg.train_years, cfg.val_years, (), T=cfg.model.frames,
+                              norm=norm)
         grid = (len(splits.lat), len(splits.lon))
         torch.manual_seed(cfg.seed)
         net = network_for(cfg, [c.variable for c in splits.channels], grid)
+        if init is not None:
+            check_init(init, cfg, splits, net)
+            net.load_state_dict(init.net.state_dict())  # the trainer's EMA starts as a copy of these
         sched = CosineVPSchedule(cfg.schedule.a_min, cfg.schedule.s_min)
         latw = loss_latitude_weights(latitude_weights(torch.tensor(np.array(splits.lat, dtype=np.float64))),
                                      cfg.lat_weight_floor)
@@ -118,7 +160,8 @@ def run_training(cfg: TrainConfig, data: str | None = None, out: str | None = No
         val = trainer.fit(max_steps=max_steps, max_minutes=max_minutes, progress=progress)
         card_path = Path(cfg.out) / "model.json"
         if trainer.rank == 0:
-            save_prior(trainer.ema, make_card(cfg, splits, net, trainer, val), card_path)
+            record = _init_record(init, str(cfg.init_from)) if init is not None else None
+            save_prior(trainer.ema, make_card(cfg, splits, net, trainer, val, record), card_path)
         return card_path
     finally:
         if started_dist:

@@ -176,14 +176,19 @@ def _load_split(paths: Sequence[str | Path], years: Sequence[int], channels: lis
 
 
 def build_splits(paths: Sequence[str | Path], variables: Sequence[str], train_years: Sequence[int],
-                 val_years: Sequence[int], test_years: Sequence[int] = (), T: int = 5) -> Splits:
-    """Load the splits by calendar year from one or more data folders; statistics from training only.
+                 val_years: Sequence[int], test_years: Sequence[int] = (), T: int = 5,
+                 norm: Normalisation | None = None) -> Splits:
+    """Load the splits by calendar year from one or more data folders; statistics from training only
+    (or ``norm``, e.g. a prior's own when fine-tuning it).
 
     A gap between folders (different seeds) is never bridged by a window because the time
     step there differs from the median step.
     """
     train_raw, train_t, channels, ds0 = _load_split(paths, train_years, None, variables)
-    norm = Normalisation.fit(train_raw)
+    if norm is None:
+        norm = Normalisation.fit(train_raw)
+    elif norm.mean.shape != (train_raw.shape[1],):
+        raise ValueError(f"normalisation has {norm.mean.shape[0]} channels, the data {train_raw.shape[1]}")
     train = WindowDataset(_norm_frames(norm, train_raw), train_t, T)
     del train_raw
     val_raw, val_t, _, _ = _load_split(paths, val_years, channels, variables)
