@@ -268,6 +268,28 @@ def test_fine_tuning_starts_from_the_prior_and_keeps_its_normalisation(tiny_mode
     assert not (tmp_path / "bad" / "model.json").exists()
 
 
+def test_prior_report_rolls_out_several_members(tiny_model: Path, tiny_data: Path, tmp_path: Path) -> None:
+    from wind_bmi.evaluation.prior_report import run_prior_report
+
+    card = tmp_path / "card" / tiny_model.name  # a copy: the report writes itself into the card
+    card.parent.mkdir()
+    for f in (tiny_model, tiny_model.with_suffix(".safetensors")):
+        (card.parent / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(ValueError, match="rollout_members"):
+        run_prior_report(tiny_data / "val", tmp_path / "bad", card=card, rollout_members=0)
+    assert not (tmp_path / "bad").exists()
+    rep = run_prior_report(tiny_data / "val", tmp_path / "rep", card=card, samples=2, rollout_days=3.0,
+                           rollout_members=3)
+    r = rep["rollout"]
+    assert r["members"] == 3 and r["finite"]
+    assert len(r["member_max_abs_diff_to_truth_K"]) == 3
+    assert len(set(r["member_max_abs_diff_to_truth_K"])) == 3  # independent members, not one repeated
+    assert r["max_abs_diff_to_truth_K"] == max(r["member_max_abs_diff_to_truth_K"])
+    assert r["ensemble_mean_max_abs_diff_to_truth_K"] <= r["max_abs_diff_to_truth_K"] + 1e-9
+    assert (tmp_path / "rep" / "prior_rollout.png").stat().st_size > 0
+    assert json.loads(card.read_text())["test_report"]["rollout"]["members"] == 3
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
