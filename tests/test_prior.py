@@ -268,6 +268,20 @@ def test_fine_tuning_starts_from_the_prior_and_keeps_its_normalisation(tiny_mode
     assert not (tmp_path / "bad" / "model.json").exists()
 
 
+def test_denoising_error_by_row_is_zero_for_an_oracle_and_sigma_for_the_identity() -> None:
+    from wind_bmi.evaluation.prior_report import denoising_error_by_row
+
+    sched = CosineVPSchedule()
+    x = torch.zeros(4, 5, 3, 6, 64)
+    truth = x.clone()
+    g = torch.Generator().manual_seed(0)
+    oracle = denoising_error_by_row(lambda z, t: truth, sched, x, 0.3, g)
+    identity = denoising_error_by_row(lambda z, t: z, sched, x, 0.3, g)
+    sigma = float(sched.coefficients(torch.full((1, 1), 0.3))[1])
+    assert oracle.shape == (6,) and np.all(oracle == 0)
+    assert np.allclose(identity, sigma, rtol=0.05)  # pure noise passed through: its std in every row
+
+
 def test_prior_report_rolls_out_several_members(tiny_model: Path, tiny_data: Path, tmp_path: Path) -> None:
     from wind_bmi.evaluation.prior_report import run_prior_report
 
@@ -288,6 +302,8 @@ def test_prior_report_rolls_out_several_members(tiny_model: Path, tiny_data: Pat
     assert r["ensemble_mean_max_abs_diff_to_truth_K"] <= r["max_abs_diff_to_truth_K"] + 1e-9
     assert (tmp_path / "rep" / "prior_rollout.png").stat().st_size > 0
     assert json.loads(card.read_text())["test_report"]["rollout"]["members"] == 3
+    rows = rep["denoise_rmse_by_row_t0.3"]["rows"]
+    assert len(rows) == 8 and all(np.isfinite(rows))
 
 
 def _free_port() -> int:

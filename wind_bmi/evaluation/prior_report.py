@@ -5,6 +5,8 @@
 * zonal power spectra of T (sigma 0.51) and u (sigma 0.2), samples against data (figure);
 * unguided rollouts (window after window, clean context; ``rollout_members`` independent members
   from the first test state): global-mean T drift per member and of the ensemble mean, NaN check;
+* denoising RMSE per latitude row at one noise level (the polar rows are where a prior trained
+  with area weights fails first: it passes the noise through there);
 * the training curve (figure) from the run's history.
 """
 
@@ -42,6 +44,18 @@ def _log_ratio(sample: np.ndarray, data: np.ndarray) -> float | None:
     return float(np.mean(np.log10(sample / data))) if sample.size else None
 
 
+def denoising_error_by_row(denoise: Any, schedule: Any, windows: torch.Tensor, t: float,
+                           generator: torch.Generator) -> np.ndarray:
+    """RMSE per latitude row ``(H,)`` of ``denoise(z, t)`` against clean ``windows`` ``(B, T, C, H, W)``
+    noised to level ``t`` in every frame (normalised units)."""
+    tt = torch.full(windows.shape[:2], t, dtype=windows.dtype)
+    a, s = schedule.coefficients(tt)
+    z = a * windows + s * torch.randn(windows.shape, generator=generator, dtype=windows.dtype)
+    with torch.no_grad():
+        err = denoise(z, tt) - windows
+    return err.pow(2).mean(dim=(0, 1, 2, 4)).sqrt().double().numpy()  # type: ignore[no-any-return]
+
+
 def run_prior_report(data: str | Path, out: str | Path, card: str | Path | None = None, samples: int = 8,
                      rollout_days: float = 60.0, steps: int | None = None, history: str | Path | None = None,
                      rollout_members: int = 4,
@@ -66,6 +80,15 @@ def run_prior_report(data: str | Path, out: str | Path, card: str | Path | None 
     latw = latw_torch(wm.lat).float()
     report["test_loss_per_band"] = validation_losses(prior.net, lambda idx: torch.from_numpy(windows.batch(idx)),
                                                      len(windows), prior.schedule, latw, 64, True)
+
+    step = max(1, len(windows) // 8)
+    sel = torch.from_numpy(windows.batch(list(range(0, len(windows), step))[:8]))
+    rows = denoising_error_by_row(wm.denoiser, prior.schedule, sel, 0.3, torch.Generator().manual_seed(3))
+    mid = slice(len(rows) // 2 - 4, len(rows) // 2 + 4)
+    report["denoise_rmse_by_row_t0.3"] = {"rows": [float(v) for v in rows],
+                                          "south_rows_0_1": [float(v) for v in rows[:2]],
+                                          "north_rows_-2_-1": [float(v) for v in rows[-2:]],
+                                          "equatorial_mean": float(rows[mid].mean())}
 
     g = torch.Generator().manual_seed(0)
     ctx = torch.zeros(samples, wm.T, wm.C, wm.H, wm.W)
