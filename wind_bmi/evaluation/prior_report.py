@@ -49,8 +49,7 @@ def denoising_error_by_row(denoise: Any, schedule: Any, windows: torch.Tensor, t
     """RMSE per latitude row ``(H,)`` of ``denoise(z, t)`` against clean ``windows`` ``(B, T, C, H, W)``
     noised to level ``t`` in every frame (normalised units)."""
     tt = torch.full(windows.shape[:2], t, dtype=windows.dtype)
-    a, s = schedule.coefficients(tt)
-    z = a * windows + s * torch.randn(windows.shape, generator=generator, dtype=windows.dtype)
+    z = schedule.noise(windows, tt, generator)
     with torch.no_grad():
         err = denoise(z, tt) - windows
     return err.pow(2).mean(dim=(0, 1, 2, 4)).sqrt().double().numpy()  # type: ignore[no-any-return]
