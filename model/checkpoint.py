@@ -15,8 +15,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 from wind_bmi.model.network import UViT
 from wind_bmi.model.schedule import CosineVPSchedule
 
@@ -39,6 +41,12 @@ class Prior:
     @property
     def grid(self) -> tuple[int, int]:
         return (len(self.card["grid"]["lat"]), len(self.card["grid"]["lon"]))
+
+    @property
+    def lat_offset(self) -> Tensor | None:
+        """The normalisation's latitude offset ``(C, H)`` the network was trained with, or None (older cards)."""
+        off = self.card["normalisation"].get("lat_offset")
+        return None if off is None else torch.tensor(off, dtype=torch.float32)
 
 
 def shipped_card_path() -> Path:
@@ -127,6 +135,12 @@ def load_prior(card_path: str | Path | None = None, device: str | torch.device =
         net.load_state_dict(state, strict=True)
     except (RuntimeError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{weights_path}: does not fit the card's architecture: {str(exc)[:300]}") from exc
+    off = card["normalisation"].get("lat_offset")
+    if off is not None:
+        shape = (len(card["channels"]), len(card["grid"]["lat"]))
+        if np.shape(off) != shape:
+            raise CheckpointError(f"model card {card_path}: normalisation 'lat_offset' has shape {np.shape(off)}, "
+                                  f"expected (channels, latitudes) = {shape}")
     net.eval().to(device)
     for p in net.parameters():
         p.requires_grad_(False)

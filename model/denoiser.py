@@ -1,8 +1,9 @@
 """Denoisers ``D(z, t) ~ E[x | z]`` over windows ``(B, T, C, H, W)``.
 
 A denoiser is any callable ``(z, t) -> x_hat``. :class:`PriorDenoiser` wraps the noise-blind
-network: it ignores ``t`` (the network infers each frame's noise from ``z``) and only uses it
-to pass clean frames through unchanged. :class:`GaussianDenoiser` is the analytic denoiser of a
+network: the network never sees ``t`` (it infers each frame's noise from ``z``); the wrapper uses
+it to pass clean frames through unchanged and, for priors trained with a latitude offset, to centre
+the input per latitude (:func:`network_estimate`). :class:`GaussianDenoiser` is the analytic denoiser of a
 Gaussian prior, used to test guidance exactly.
 """
 
@@ -23,6 +24,25 @@ class Denoiser(Protocol):
     def __call__(self, z: Tensor, t: Tensor) -> Tensor: ...
 
 
+def network_estimate(net: nn.Module, z: Tensor, t: Tensor, schedule: CosineVPSchedule, offset: Tensor | None,
+                     bf16: bool) -> Tensor:
+    """``x_hat`` of the network for ``z: (B, T, C, H, W)`` at levels ``t: (B, T)`` (training and sampling).
+
+    With ``offset`` ``(C, H)`` (the latitude offset of the normalisation) the network works in the
+    per-latitude-centred space ``x' = x - offset``: it gets ``z - alpha_t offset`` (= ``alpha_t x' +
+    sigma_t eps``, the same noise) and its estimate of ``x'`` is shifted back. The network itself stays
+    blind to ``t``; this is a fixed change of variables of the data, exact for any ``t``.
+    """
+    off = None
+    if offset is not None:
+        off = offset.to(z.device, z.dtype)[:, :, None]
+        z = z - schedule.coefficients(t)[0].to(z.dtype) * off
+    with torch.autocast(z.device.type, dtype=torch.bfloat16, enabled=bf16):
+        x_hat = net(z)
+    x_hat = x_hat.to(z.dtype)
+    return x_hat if off is None else x_hat + off
+
+
 class PriorDenoiser(nn.Module):
     """The trained prior as a denoiser.
 
@@ -30,18 +50,19 @@ class PriorDenoiser(nn.Module):
         net: the noise-blind UViT (x-prediction).
         schedule: the noise schedule the prior was trained with.
         bf16: run the network under ``torch.autocast(bfloat16)`` (CPU AMX / GPU tensor cores).
+        offset: the latitude offset ``(C, H)`` the prior was trained with, or None.
     """
 
-    def __init__(self, net: nn.Module, schedule: CosineVPSchedule, bf16: bool = False) -> None:
+    def __init__(self, net: nn.Module, schedule: CosineVPSchedule, bf16: bool = False,
+                 offset: Tensor | None = None) -> None:
         super().__init__()
         self.net = net
         self.schedule = schedule
         self.bf16 = bf16
+        self.offset = None if offset is None else offset.float()
 
     def forward(self, z: Tensor, t: Tensor) -> Tensor:
-        with torch.autocast(z.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            x_hat = self.net(z)
-        x_hat = x_hat.to(z.dtype)
+        x_hat = network_estimate(self.net, z, t, self.schedule, self.offset, self.bf16)
         clean = (t == 0)[..., None, None, None]
         return torch.where(clean, z, x_hat)
 

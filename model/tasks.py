@@ -48,7 +48,7 @@ class WindModel:
         prior.net.to(self.device)
         card = prior.card
         self.card = card
-        self.denoiser = PriorDenoiser(prior.net, prior.schedule, bf16=bf16)
+        self.denoiser = PriorDenoiser(prior.net, prior.schedule, bf16=bf16, offset=prior.lat_offset)
         self.schedule = prior.schedule
         self.T = int(card["architecture"]["frames"])
         self.channels: list[tuple[str, float | None]] = [(c["variable"], c["level"]) for c in card["channels"]]

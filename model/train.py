@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from wind_bmi.model.denoiser import network_estimate
 from wind_bmi.model.schedule import CosineVPSchedule
 
 BatchFn = Callable[[Sequence[int]], Tensor]  # window indices -> (B, T, C, H, W) float32
@@ -100,12 +101,14 @@ def sample_levels(B: int, T: int, clean_prefix_prob: float, g: torch.Generator) 
 
 
 def diffusion_loss(net: nn.Module, x: Tensor, t: Tensor, schedule: CosineVPSchedule, latw: Tensor, w_max: float,
-                   g: torch.Generator, bf16: bool) -> Tensor:
-    """Weighted x-prediction loss of one batch ``x: (B, T, C, H, W)`` at levels ``t: (B, T)``."""
+                   g: torch.Generator, bf16: bool, offset: Tensor | None = None) -> Tensor:
+    """Weighted x-prediction loss of one batch ``x: (B, T, C, H, W)`` at levels ``t: (B, T)``.
+
+    ``offset``: the normalisation's latitude offset ``(C, H)`` (see :func:`network_estimate`) or None.
+    """
     z = schedule.noise(x, t, generator=g)
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-        x_hat = net(z)
-    err = (x_hat.float() - x) ** 2 * latw[None, None, None, :, None]
+    x_hat = network_estimate(net, z, t, schedule, offset, bf16)
+    err = (x_hat - x) ** 2 * latw[None, None, None, :, None]
     per_frame = err.mean(dim=(2, 3, 4))  # (B, T)
     w = schedule.loss_weight(t, w_max)
     return (w * per_frame).sum(dim=1).mean()
@@ -113,7 +116,8 @@ def diffusion_loss(net: nn.Module, x: Tensor, t: Tensor, schedule: CosineVPSched
 
 @torch.no_grad()
 def validation_losses(net: nn.Module, val_batch: BatchFn, n_val: int, schedule: CosineVPSchedule, latw: Tensor,
-                      windows: int, bf16: bool, seed: int = 12345, batch: int = 8) -> dict[str, float]:
+                      windows: int, bf16: bool, seed: int = 12345, batch: int = 8,
+                      offset: Tensor | None = None) -> dict[str, float]:
     """Latitude-weighted MSE of ``x_hat`` per noise band (all frames at one level per sample)."""
     idx = torch.linspace(0, n_val - 1, min(windows, n_val)).round().long().tolist()
     out = {}
@@ -125,9 +129,8 @@ def validation_losses(net: nn.Module, val_batch: BatchFn, n_val: int, schedule: 
             B, T = x.shape[:2]
             t = (lo + (hi - lo) * torch.rand(B, 1, generator=g)).clamp_min(1e-4).expand(B, T).contiguous()
             z = schedule.noise(x, t, generator=g)
-            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-                x_hat = net(z)
-            err = ((x_hat.float() - x) ** 2 * latw[None, None, None, :, None]).mean(dim=(1, 2, 3, 4))
+            x_hat = network_estimate(net, z, t, schedule, offset, bf16)
+            err = ((x_hat - x) ** 2 * latw[None, None, None, :, None]).mean(dim=(1, 2, 3, 4))
             total += float(err.sum())
             count += B
         out[f"t_{lo:.2f}_{hi:.2f}"] = total / max(count, 1)
@@ -170,12 +173,14 @@ class Trainer:
         latw: latitude weights ``(H,)`` (mean 1).
         out: folder for ``train_state.*``, ``history.json``.
         device: torch device.
+        offset: the normalisation's latitude offset ``(C, H)`` or None (see :func:`network_estimate`).
     """
 
     def __init__(self, net: nn.Module, schedule: CosineVPSchedule, settings: TrainSettings, train_batch: BatchFn,
                  n_train: int, val_batch: BatchFn, n_val: int, latw: Tensor, out: str | Path,
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "cpu", offset: Tensor | None = None) -> None:
         self.device = torch.device(device)
+        self.offset = None if offset is None else offset.to(self.device, torch.float32)
         self.world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         self.rank = dist.get_rank() if self.world > 1 else 0
         if settings.batch_size % self.world:
@@ -236,7 +241,7 @@ class Trainer:
         x = self.train_batch(local).to(self.device)
         t = sample_levels(x.shape[0], x.shape[1], s.clean_prefix_prob, g).to(self.device)
         self.model.train()
-        loss = diffusion_loss(self.model, x, t, self.schedule, self.latw, s.w_max, g, s.bf16)
+        loss = diffusion_loss(self.model, x, t, self.schedule, self.latw, s.w_max, g, s.bf16, self.offset)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.net.parameters(), s.grad_clip)
@@ -283,7 +288,8 @@ class Trainer:
             if max_minutes is not None and now - t_start > 60.0 * max_minutes:
                 break
         bar.close()
-        val = validation_losses(self.ema, self.val_batch, self.n_val, self.schedule, self.latw, s.val_windows, s.bf16)
+        val = validation_losses(self.ema, self.val_batch, self.n_val, self.schedule, self.latw, s.val_windows, s.bf16,
+                                offset=self.offset)
         self.history.append({"step": self.step, "val": val, "wall_seconds": self.wall})
         self.save_state()
         return val

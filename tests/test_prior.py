@@ -328,3 +328,97 @@ def test_ddp_with_two_gloo_processes(tiny_data: Path, tiny_config: Path, tmp_pat
     assert card["training"]["steps"] == 4
     prior = load_prior(out / "model.json")
     assert all(np.isfinite(p.detach().numpy()).all() for p in prior.net.parameters())
+
+
+class _CentredGaussian(torch.nn.Module):
+    """A 'network' that is the exact denoiser of N(0, cov) at the levels ``self.t`` (set by the test)."""
+
+    def __init__(self, cov: torch.Tensor, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        from wind_bmi.model.denoiser import GaussianDenoiser
+
+        self.exact = GaussianDenoiser(torch.zeros(cov.shape[0]), cov, shape, CosineVPSchedule())
+        self.t = torch.zeros(1, shape[0])
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.exact(z, self.t)
+
+
+def test_latitude_offset_is_an_exact_change_of_variables() -> None:
+    from wind_bmi.model.denoiser import GaussianDenoiser, PriorDenoiser
+    from wind_bmi.model.train import diffusion_loss
+
+    from wind_bmi.data.windows import Normalisation
+
+    # statistics: the offset is each row's mean minus the channel mean, in std units; it survives the card
+    rng = np.random.default_rng(0)
+    frames = rng.normal(size=(30, 2, 4, 6)) + np.array([[-3.0], [-1.0], [0.5], [4.0]])[None, None] * [[[[1.0]], [[2.0]]]]
+    norm = Normalisation.fit(frames, per_latitude=True)
+    expect = (frames.mean(axis=(0, 3)) - frames.mean(axis=(0, 2, 3))[:, None]) / frames.std(axis=(0, 2, 3))[:, None]
+    np.testing.assert_allclose(norm.lat_offset, expect, atol=1e-12)
+    assert Normalisation.fit(frames).lat_offset is None and "lat_offset" not in Normalisation.fit(frames).to_dict()
+    back = Normalisation.from_dict(json.loads(json.dumps(norm.to_dict())))
+    np.testing.assert_array_equal(back.lat_offset, norm.lat_offset)
+    with pytest.raises(ValueError, match="lat_offset"):
+        Normalisation.from_dict({**norm.to_dict(), "lat_offset": [[0.0, 1.0]]})
+
+    # a network that is exactly right in the centred space x' = x - offset, wrapped with the offset, is
+    # exactly right for x ~ N(offset, cov): the wrapper feeds it z - alpha offset and shifts its estimate back
+    T, C, H, W = 2, 1, 3, 2
+    shape = (T, C, H, W)
+    offset = torch.tensor([[-2.0, 0.5, 3.0]])
+    mu = offset[:, :, None].expand(T, C, H, W).reshape(-1).double()
+    L = torch.randn(T * C * H * W, T * C * H * W, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    cov = 0.1 * L @ L.T / L.shape[0] + 0.05 * torch.eye(L.shape[0], dtype=torch.float64)
+    net = _CentredGaussian(cov, shape)
+    sched = CosineVPSchedule()
+    t = torch.tensor([[0.0, 0.6]])
+    net.t = t
+    z = torch.randn(1, *shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    exact = GaussianDenoiser(mu, cov, shape, sched)(z, t)
+    wrapped = PriorDenoiser(net, sched, offset=offset).double()(z, t)
+    torch.testing.assert_close(wrapped, exact, rtol=1e-9, atol=1e-9)
+    assert not torch.allclose(PriorDenoiser(net, sched)(z, t), exact, atol=1e-2)  # the offset matters
+    # a deterministic world x = offset is learnt by the zero network: zero loss at any level with the offset only
+    x = offset[None, None, :, :, None].expand(3, T, C, H, W).float().contiguous()
+    zero_net = lambda z: 0 * z  # noqa: E731
+    g = torch.Generator().manual_seed(3)
+    tt = torch.rand(3, T, generator=g)
+    latw = torch.ones(H)
+    assert float(diffusion_loss(zero_net, x, tt, sched, latw, 5.0, g, False, offset)) == 0.0  # type: ignore[arg-type]
+    assert float(diffusion_loss(zero_net, x, tt, sched, latw, 5.0, g, False)) > 1.0  # type: ignore[arg-type]
+
+
+def test_training_with_a_latitude_offset_ships_it_in_the_card(tiny_data: Path, tiny_config: Path,
+                                                               tmp_path: Path) -> None:
+    import dataclasses
+
+    from wind_bmi.model.tasks import WindModel
+
+    from wind_bmi.data.windows import Normalisation, stack_channels
+
+    cfg = dataclasses.replace(load_config(tiny_config), latitude_offset=True)
+    card_path = run_training(cfg, data=str(tiny_data), out=str(tmp_path / "lo"), max_steps=2, progress=False)
+    card = json.loads(card_path.read_text())
+    prior = load_prior(card_path)
+    off = prior.lat_offset
+    assert off is not None and tuple(off.shape) == (len(card["channels"]), len(card["grid"]["lat"]))
+    assert float(off.abs().max()) > 0
+    wm = WindModel(prior)
+    assert wm.denoiser.offset is not None and torch.equal(wm.denoiser.offset, off)
+    # the offset is the training data's, as fitted by Normalisation
+    from wind_bmi.data.layouts import open_any
+    from wind_bmi.data.windows import Channel
+
+    ds = open_any(next((tiny_data / "train").glob("*.nc")))
+    phys = stack_channels(ds, [Channel(v, lv) for v, lv in wm.channels])
+    np.testing.assert_allclose(off.numpy(), Normalisation.fit(phys, per_latitude=True).lat_offset, atol=1e-5)
+    # a fine-tune from it keeps the offset; a card whose offset has the wrong shape is refused
+    ft = run_training(dataclasses.replace(cfg, init_from=str(card_path), latitude_offset=False), data=str(tiny_data),
+                      out=str(tmp_path / "ft"), max_steps=1, progress=False)
+    assert json.loads(ft.read_text())["normalisation"]["lat_offset"] == card["normalisation"]["lat_offset"]
+    card["normalisation"]["lat_offset"] = card["normalisation"]["lat_offset"][:-1]
+    bad = tmp_path / "lo" / "bad.json"
+    bad.write_text(json.dumps(card))
+    with pytest.raises(CheckpointError, match="lat_offset"):
+        load_prior(bad)

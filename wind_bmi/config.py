@@ -100,6 +100,10 @@ class TrainConfig:
         seed: base seed of data order, noise and initialisation.
         lat_weight_floor: lower bound of the per-row loss weight (area weights have mean 1); 0 = pure
             area weights, 1 = every grid row weighs the same (the cells near the poles included).
+        latitude_offset: centre the network's input per latitude (zonal-time mean of each channel and
+            row of the training years, stored in the card's normalisation as ``lat_offset``); the data
+            and all operators keep the per-channel normalisation. A prior fine-tuned with
+            ``init_from`` keeps its own normalisation (offset or none) whatever this says.
         init_from: card (JSON) of a trained prior to start from (fine-tuning): its weights and
             normalisation, a fresh optimiser and LR schedule; architecture, channels and grid must
             match. Ignored by ``--resume`` once a training state exists.
@@ -127,6 +131,7 @@ class TrainConfig:
     val_windows: int = 64
     seed: int = 0
     lat_weight_floor: float = 0.0
+    latitude_offset: bool = False
     init_from: str | None = None
     model: ModelConfig = ModelConfig()
     schedule: ScheduleConfig = ScheduleConfig()

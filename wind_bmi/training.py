@@ -142,7 +142,7 @@ def run_training(cfg: TrainConfig, data: str | None = None, out: str | None = No
         init = load_prior(cfg.init_from) if cfg.init_from else None
         norm = Normalisation.from_dict(init.card["normalisation"]) if init else None
         splits = build_splits(paths, cfg.variables, cfg.train_years, cfg.val_years, (), T=cfg.model.frames,
-                              norm=norm)
+                              norm=norm, per_latitude=cfg.latitude_offset)
         grid = (len(splits.lat), len(splits.lon))
         torch.manual_seed(cfg.seed)
         net = network_for(cfg, [c.variable for c in splits.channels], grid)
@@ -152,9 +152,11 @@ def run_training(cfg: TrainConfig, data: str | None = None, out: str | None = No
         sched = CosineVPSchedule(cfg.schedule.a_min, cfg.schedule.s_min)
         latw = loss_latitude_weights(latitude_weights(torch.tensor(np.array(splits.lat, dtype=np.float64))),
                                      cfg.lat_weight_floor)
+        lo = splits.norm.lat_offset
+        offset = None if lo is None else torch.from_numpy(lo).float()
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if device == "cuda" else torch.device(device)
         trainer = Trainer(net, sched, settings_from(cfg), batch_fn(splits.train), len(splits.train),
-                          batch_fn(splits.val), len(splits.val), latw, cfg.out, dev)
+                          batch_fn(splits.val), len(splits.val), latw, cfg.out, dev, offset)
         if resume and (Path(cfg.out) / "train_state.json").exists():
             trainer.load_state()
         val = trainer.fit(max_steps=max_steps, max_minutes=max_minutes, progress=progress)
