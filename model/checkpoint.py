@@ -71,6 +71,7 @@ def build_network(card: dict[str, Any]) -> UViT:
         dim=int(arch["dim"]), depth=int(arch["depth"]), heads=int(arch["heads"]),
         patch=int(arch["patch"]), in_patch=int(arch.get("in_patch", 1)),
         vector_channels=tuple(int(c) for c in arch.get("vector_channels", ())),
+        lat_deg=[float(v) for v in card["grid"]["lat"]] if arch.get("lat_input", False) else None,
     )
 
 

@@ -422,3 +422,43 @@ def test_training_with_a_latitude_offset_ships_it_in_the_card(tiny_data: Path, t
     bad.write_text(json.dumps(card))
     with pytest.raises(CheckpointError, match="lat_offset"):
         load_prior(bad)
+
+
+def test_latitude_input_lets_the_convolutions_differ_by_row(tiny_data: Path, tiny_config: Path,
+                                                           tmp_path: Path) -> None:
+    import dataclasses
+
+    lat = torch.linspace(-80, 80, 8).tolist()
+    plain, with_lat = tiny_net(), tiny_net(lat_deg=lat)
+    for net in (plain, with_lat):
+        torch.manual_seed(1)
+        for p in net.parameters():  # zero-initialised output layers: perturb so the output depends on the input
+            p.data.add_(0.05 * torch.randn_like(p))
+    z = torch.zeros(1, 5, 4, 8, 16)  # a field constant everywhere: only the static channels vary by row
+    with torch.no_grad():
+        r_plain, r_lat = plain(z), with_lat(z)
+    # the first conv sees the same thing in every interior row without the latitude channels, not with them
+    stem_in = lambda net: net.stem(torch.cat([z[0], net.static.expand(5, -1, -1, -1)], 1) if net.static is not None  # noqa: E731
+                                   else z[0])[0, 0, :, 0]
+    with torch.no_grad():
+        s_plain, s_lat = stem_in(plain), stem_in(with_lat)
+    assert torch.allclose(s_plain[2:-2], s_plain[3:-1]) and not torch.allclose(s_lat[2:-2], s_lat[3:-1], atol=1e-4)
+    assert torch.isfinite(r_plain).all() and torch.isfinite(r_lat).all()
+    with pytest.raises(ValueError, match="lat_deg"):
+        tiny_net(lat_deg=lat[:-1])
+
+    # trained with it, the card records it, and the loaded prior is the same network (latitudes from the card)
+    cfg = load_config(tiny_config)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, lat_input=True))
+    card_path = run_training(cfg, data=str(tiny_data), out=str(tmp_path / "li"), max_steps=2, progress=False)
+    card = json.loads(card_path.read_text())
+    assert card["architecture"]["lat_input"] is True
+    prior = load_prior(card_path)
+    assert prior.net.static is not None
+    np.testing.assert_allclose(prior.net.static[0, :, 0].numpy(), np.sin(np.deg2rad(card["grid"]["lat"])), atol=1e-6)
+    # a prior without it cannot be fine-tuned into one with it (the first conv differs)
+    plain_card = run_training(load_config(tiny_config), data=str(tiny_data), out=str(tmp_path / "pl"), max_steps=0,
+                              progress=False)
+    with pytest.raises(ValueError, match="architecture"):
+        run_training(dataclasses.replace(cfg, init_from=str(plain_card)), data=str(tiny_data),
+                     out=str(tmp_path / "bad"), max_steps=1, progress=False)

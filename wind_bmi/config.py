@@ -62,6 +62,8 @@ class ModelConfig:
         frames: window length T.
         pole_flip_winds: negate the wind components (``variables.VECTOR_VARIABLES``) in the first conv's
             pole-crossing halo, where their local axes reverse (needs ``in_patch: 1``).
+        lat_input: give the first conv ``sin(lat)`` and ``cos(lat)`` as two static input channels, so
+            the convolutions can differ by latitude (the polar rows; see the README's prior notes).
     """
 
     channels: tuple[int, ...] = (64, 128, 256)
@@ -73,6 +75,7 @@ class ModelConfig:
     in_patch: int = 2
     frames: int = 5
     pole_flip_winds: bool = False
+    lat_input: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,6 +10,7 @@ import dataclasses
 import os
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +47,19 @@ def batch_fn(ds: WindowDataset) -> Any:
     return get
 
 
-def network_for(cfg: TrainConfig, variables: list[str], grid: tuple[int, int]) -> UViT:
-    """The UViT of ``cfg.model`` over channels whose variables are ``variables`` (one per channel)."""
+def network_for(cfg: TrainConfig, variables: list[str], grid: tuple[int, int],
+                lat: Sequence[float] | None = None) -> UViT:
+    """The UViT of ``cfg.model`` over channels whose variables are ``variables`` (one per channel).
+
+    ``lat``: the grid's row latitudes, required when ``cfg.model.lat_input``.
+    """
     m = cfg.model
     vector = tuple(i for i, v in enumerate(variables) if v in VECTOR_VARIABLES) if m.pole_flip_winds else ()
+    if m.lat_input and lat is None:
+        raise ValueError("model.lat_input needs the grid's latitudes")
     return UViT(len(variables), m.frames, grid, channels=m.channels, blocks_per_stage=m.blocks_per_stage, dim=m.dim,
-                depth=m.depth, heads=m.heads, patch=m.patch, in_patch=m.in_patch, vector_channels=vector)
+                depth=m.depth, heads=m.heads, patch=m.patch, in_patch=m.in_patch, vector_channels=vector,
+                lat_deg=lat if m.lat_input else None)
 
 
 def check_init(prior: Prior, cfg: TrainConfig, splits: Splits, net: UViT) -> None:
@@ -145,7 +153,7 @@ def run_training(cfg: TrainConfig, data: str | None = None, out: str | None = No
                               norm=norm, per_latitude=cfg.latitude_offset)
         grid = (len(splits.lat), len(splits.lon))
         torch.manual_seed(cfg.seed)
-        net = network_for(cfg, [c.variable for c in splits.channels], grid)
+        net = network_for(cfg, [c.variable for c in splits.channels], grid, [float(v) for v in splits.lat])
         if init is not None:
             check_init(init, cfg, splits, net)
             net.load_state_dict(init.net.state_dict())  # the trainer's EMA starts as a copy of these
