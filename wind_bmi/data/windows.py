@@ -78,13 +78,14 @@ class Normalisation:
         """Statistics over ``frames`` of shape ``(N, C, H, W)`` (float64 accumulation)."""
         mean = frames.mean(axis=(0, 2, 3), dtype=np.float64)
         var = np.zeros_like(mean)
-        row_mean = np.zeros(frames.shape[1:3], dtype=np.float64)
+        row_mean = np.zeros(frames.shape[1:3], dtype=np.float64) if per_latitude else None
         for c in range(frames.shape[1]):
             fc = frames[:, c].astype(np.float64)
             var[c] = np.mean((fc - mean[c]) ** 2)
-            row_mean[c] = fc.mean(axis=(0, 2))
+            if row_mean is not None:  # only when asked: one more pass over the training years
+                row_mean[c] = fc.mean(axis=(0, 2))
         std = np.sqrt(np.maximum(var, 1e-30))
-        offset = (row_mean - mean[:, None]) / std[:, None] if per_latitude else None
+        offset = None if row_mean is None else (row_mean - mean[:, None]) / std[:, None]
         return cls(mean.astype(np.float64), std.astype(np.float64), offset)
 
     def normalise(self, x: np.ndarray) -> np.ndarray:
