@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+from wind_bmi.model.bandlimit import ZonalBandLimit
 from wind_bmi.model.network import UViT
 from wind_bmi.model.schedule import CosineVPSchedule
 
@@ -47,6 +48,12 @@ class Prior:
         """The normalisation's latitude offset ``(C, H)`` the network was trained with, or None (older cards)."""
         off = self.card["normalisation"].get("lat_offset")
         return None if off is None else torch.tensor(off, dtype=torch.float32)
+
+    @property
+    def band_limit(self) -> ZonalBandLimit | None:
+        """The data's zonal band limit from the card (``band_limit``), or None (cards without one)."""
+        d = self.card.get("band_limit")
+        return None if d is None else ZonalBandLimit.from_dict(d, (len(self.card["channels"]), *self.grid))
 
 
 def shipped_card_path() -> Path:
@@ -142,6 +149,12 @@ def load_prior(card_path: str | Path | None = None, device: str | torch.device =
         if np.shape(off) != shape:
             raise CheckpointError(f"model card {card_path}: normalisation 'lat_offset' has shape {np.shape(off)}, "
                                   f"expected (channels, latitudes) = {shape}")
+    if card.get("band_limit") is not None:
+        try:
+            ZonalBandLimit.from_dict(card["band_limit"], (len(card["channels"]), len(card["grid"]["lat"]),
+                                                          len(card["grid"]["lon"])))
+        except ValueError as exc:
+            raise CheckpointError(f"model card {card_path}: {exc}") from exc
     net.eval().to(device)
     for p in net.parameters():
         p.requires_grad_(False)

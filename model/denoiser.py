@@ -13,6 +13,7 @@ from typing import Protocol
 
 import torch
 from torch import Tensor, nn
+from wind_bmi.model.bandlimit import ZonalBandLimit
 from wind_bmi.model.schedule import CosineVPSchedule
 
 
@@ -25,13 +26,15 @@ class Denoiser(Protocol):
 
 
 def network_estimate(net: nn.Module, z: Tensor, t: Tensor, schedule: CosineVPSchedule, offset: Tensor | None,
-                     bf16: bool) -> Tensor:
+                     bf16: bool, band_limit: ZonalBandLimit | None = None) -> Tensor:
     """``x_hat`` of the network for ``z: (B, T, C, H, W)`` at levels ``t: (B, T)`` (training and sampling).
 
     With ``offset`` ``(C, H)`` (the latitude offset of the normalisation) the network works in the
     per-latitude-centred space ``x' = x - offset``: it gets ``z - alpha_t offset`` (= ``alpha_t x' +
     sigma_t eps``, the same noise) and its estimate of ``x'`` is shifted back. The network itself stays
     blind to ``t``; this is a fixed change of variables of the data, exact for any ``t``.
+    With ``band_limit`` the estimate is projected onto the zonal wavenumbers the data occupies
+    (:class:`~wind_bmi.model.bandlimit.ZonalBandLimit`).
     """
     off = None
     if offset is not None:
@@ -40,7 +43,9 @@ def network_estimate(net: nn.Module, z: Tensor, t: Tensor, schedule: CosineVPSch
     with torch.autocast(z.device.type, dtype=torch.bfloat16, enabled=bf16):
         x_hat = net(z)
     x_hat = x_hat.to(z.dtype)
-    return x_hat if off is None else x_hat + off
+    if off is not None:
+        x_hat = x_hat + off
+    return x_hat if band_limit is None else band_limit(x_hat)
 
 
 class PriorDenoiser(nn.Module):
@@ -51,20 +56,31 @@ class PriorDenoiser(nn.Module):
         schedule: the noise schedule the prior was trained with.
         bf16: run the network under ``torch.autocast(bfloat16)`` (CPU AMX / GPU tensor cores).
         offset: the latitude offset ``(C, H)`` the prior was trained with, or None.
+        band_limit: the data's zonal band limit (the card's ``band_limit``), or None: estimates of
+            noisy frames are projected onto it, and guidance projects its posterior estimate too
+            (:meth:`project`).
     """
 
     def __init__(self, net: nn.Module, schedule: CosineVPSchedule, bf16: bool = False,
-                 offset: Tensor | None = None) -> None:
+                 offset: Tensor | None = None, band_limit: ZonalBandLimit | None = None) -> None:
         super().__init__()
         self.net = net
         self.schedule = schedule
         self.bf16 = bf16
         self.offset = None if offset is None else offset.float()
+        self.band_limit = band_limit
 
     def forward(self, z: Tensor, t: Tensor) -> Tensor:
-        x_hat = network_estimate(self.net, z, t, self.schedule, self.offset, self.bf16)
+        x_hat = network_estimate(self.net, z, t, self.schedule, self.offset, self.bf16, self.band_limit)
         clean = (t == 0)[..., None, None, None]
         return torch.where(clean, z, x_hat)
+
+    def project(self, x: Tensor, t: Tensor) -> Tensor:
+        """Project the noisy frames of an estimate (e.g. a guided one) onto the band limit; clean frames kept."""
+        if self.band_limit is None:
+            return x
+        clean = (t == 0)[..., None, None, None]
+        return torch.where(clean, x, self.band_limit(x))
 
 
 class GaussianDenoiser:

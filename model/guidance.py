@@ -71,6 +71,16 @@ def _gamma(denoiser: Denoiser, t: Tensor) -> Tensor:
     return s**2 / a  # (B, T, 1, 1, 1); exactly 0 on clean frames
 
 
+def _project(denoiser: Denoiser, x: Tensor, t: Tensor) -> Tensor:
+    """The prior's own projection of an estimate (its zonal band limit), if it has one.
+
+    ``E[x | z, y]`` lies where the data lies, but the correction ``Gamma J^T A'^T u`` uses the
+    transposed Jacobian of the network, which need not keep to the band limit.
+    """
+    project = getattr(denoiser, "project", None)
+    return x if project is None else project(x, t)
+
+
 class MMPSDenoiser:
     """MMPS-guided denoiser ``(z, t) -> E[x | z, y]``.
 
@@ -114,7 +124,7 @@ class MMPSDenoiser:
 
             _, correction = conjugate_gradient_image(apply, (w * (y - y_hat)).detach(), self.cg_iterations)
             x_post = x0 + correction
-        return x_post.detach()
+        return _project(self.denoiser, x_post.detach(), t)
 
 
 class DPSDenoiser:
@@ -139,7 +149,7 @@ class DPSDenoiser:
             y = self.obs.target(y_hat)
             resid = torch.sqrt((((y - y_hat) ** 2) / self.obs.variances(y_hat)).sum() + 1e-12)
             (grad,) = torch.autograd.grad(resid, z)
-        return (x_hat.detach() - self.scale * gamma * grad).detach()
+        return _project(self.denoiser, (x_hat.detach() - self.scale * gamma * grad).detach(), t)
 
 
 def guided(method: str, denoiser: Denoiser, observation: Observation, cg_iterations: int = 1,

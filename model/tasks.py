@@ -39,16 +39,19 @@ class WindModel:
         bf16: autocast the network to bfloat16.
         steps, eta: sampler defaults (reverse steps, DDIM 0 .. DDPM 1).
         method, cg_iterations: guidance defaults (``mmps`` | ``dps``).
+        band_limit: project estimates onto the card's zonal band limit when it has one (False: the
+            network's raw estimates, for ablations).
     """
 
     def __init__(self, prior: Prior, device: str | torch.device = "cpu", bf16: bool = False, steps: int = 32,
-                 eta: float = 1.0, method: str = "mmps", cg_iterations: int = 1) -> None:
+                 eta: float = 1.0, method: str = "mmps", cg_iterations: int = 1, band_limit: bool = True) -> None:
         self.prior = prior
         self.device = torch.device(device)
         prior.net.to(self.device)
         card = prior.card
         self.card = card
-        self.denoiser = PriorDenoiser(prior.net, prior.schedule, bf16=bf16, offset=prior.lat_offset)
+        self.denoiser = PriorDenoiser(prior.net, prior.schedule, bf16=bf16, offset=prior.lat_offset,
+                                      band_limit=prior.band_limit if band_limit else None)
         self.schedule = prior.schedule
         self.T = int(card["architecture"]["frames"])
         self.channels: list[tuple[str, float | None]] = [(c["variable"], c["level"]) for c in card["channels"]]

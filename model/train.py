@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from wind_bmi.model.bandlimit import ZonalBandLimit
 from wind_bmi.model.denoiser import network_estimate
 from wind_bmi.model.schedule import CosineVPSchedule
 
@@ -101,13 +102,15 @@ def sample_levels(B: int, T: int, clean_prefix_prob: float, g: torch.Generator) 
 
 
 def diffusion_loss(net: nn.Module, x: Tensor, t: Tensor, schedule: CosineVPSchedule, latw: Tensor, w_max: float,
-                   g: torch.Generator, bf16: bool, offset: Tensor | None = None) -> Tensor:
+                   g: torch.Generator, bf16: bool, offset: Tensor | None = None,
+                   band_limit: ZonalBandLimit | None = None) -> Tensor:
     """Weighted x-prediction loss of one batch ``x: (B, T, C, H, W)`` at levels ``t: (B, T)``.
 
-    ``offset``: the normalisation's latitude offset ``(C, H)`` (see :func:`network_estimate`) or None.
+    ``offset``: the normalisation's latitude offset ``(C, H)`` (see :func:`network_estimate`) or None;
+    ``band_limit``: the data's zonal band limit the estimate is projected onto, or None.
     """
     z = schedule.noise(x, t, generator=g)
-    x_hat = network_estimate(net, z, t, schedule, offset, bf16)
+    x_hat = network_estimate(net, z, t, schedule, offset, bf16, band_limit)
     err = (x_hat - x) ** 2 * latw[None, None, None, :, None]
     per_frame = err.mean(dim=(2, 3, 4))  # (B, T)
     w = schedule.loss_weight(t, w_max)
@@ -117,8 +120,9 @@ def diffusion_loss(net: nn.Module, x: Tensor, t: Tensor, schedule: CosineVPSched
 @torch.no_grad()
 def validation_losses(net: nn.Module, val_batch: BatchFn, n_val: int, schedule: CosineVPSchedule, latw: Tensor,
                       windows: int, bf16: bool, seed: int = 12345, batch: int = 8,
-                      offset: Tensor | None = None) -> dict[str, float]:
-    """Latitude-weighted MSE of ``x_hat`` per noise band (all frames at one level per sample)."""
+                      offset: Tensor | None = None, band_limit: ZonalBandLimit | None = None) -> dict[str, float]:
+    """Latitude-weighted MSE of ``x_hat`` per noise band (all frames at one level per sample), with the
+    estimate projected onto ``band_limit`` when given (as the denoiser does)."""
     idx = torch.linspace(0, n_val - 1, min(windows, n_val)).round().long().tolist()
     out = {}
     for lo, hi in NOISE_BANDS:
@@ -129,7 +133,7 @@ def validation_losses(net: nn.Module, val_batch: BatchFn, n_val: int, schedule: 
             B, T = x.shape[:2]
             t = (lo + (hi - lo) * torch.rand(B, 1, generator=g)).clamp_min(1e-4).expand(B, T).contiguous()
             z = schedule.noise(x, t, generator=g)
-            x_hat = network_estimate(net, z, t, schedule, offset, bf16)
+            x_hat = network_estimate(net, z, t, schedule, offset, bf16, band_limit)
             err = ((x_hat - x) ** 2 * latw[None, None, None, :, None]).mean(dim=(1, 2, 3, 4))
             total += float(err.sum())
             count += B
@@ -174,13 +178,16 @@ class Trainer:
         out: folder for ``train_state.*``, ``history.json``.
         device: torch device.
         offset: the normalisation's latitude offset ``(C, H)`` or None (see :func:`network_estimate`).
+        band_limit: the data's zonal band limit the estimates are projected onto, or None.
     """
 
     def __init__(self, net: nn.Module, schedule: CosineVPSchedule, settings: TrainSettings, train_batch: BatchFn,
                  n_train: int, val_batch: BatchFn, n_val: int, latw: Tensor, out: str | Path,
-                 device: str | torch.device = "cpu", offset: Tensor | None = None) -> None:
+                 device: str | torch.device = "cpu", offset: Tensor | None = None,
+                 band_limit: ZonalBandLimit | None = None) -> None:
         self.device = torch.device(device)
         self.offset = None if offset is None else offset.to(self.device, torch.float32)
+        self.band_limit = band_limit
         self.world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         self.rank = dist.get_rank() if self.world > 1 else 0
         if settings.batch_size % self.world:
@@ -241,7 +248,8 @@ class Trainer:
         x = self.train_batch(local).to(self.device)
         t = sample_levels(x.shape[0], x.shape[1], s.clean_prefix_prob, g).to(self.device)
         self.model.train()
-        loss = diffusion_loss(self.model, x, t, self.schedule, self.latw, s.w_max, g, s.bf16, self.offset)
+        loss = diffusion_loss(self.model, x, t, self.schedule, self.latw, s.w_max, g, s.bf16, self.offset,
+                              self.band_limit)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.net.parameters(), s.grad_clip)
@@ -289,7 +297,7 @@ class Trainer:
                 break
         bar.close()
         val = validation_losses(self.ema, self.val_batch, self.n_val, self.schedule, self.latw, s.val_windows, s.bf16,
-                                offset=self.offset)
+                                offset=self.offset, band_limit=self.band_limit)
         self.history.append({"step": self.step, "val": val, "wall_seconds": self.wall})
         self.save_state()
         return val

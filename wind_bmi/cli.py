@@ -75,6 +75,20 @@ def cmd_data_subset(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_band_limit(args: argparse.Namespace) -> int:
+    from wind_bmi.training import fit_band_limit_into_card
+
+    try:
+        band = fit_band_limit_into_card(args.model, args.data, args.eps)
+    except ValueError as exc:  # CheckpointError included: nothing was written
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.model}: band limit (eps {args.eps:g}) keeps {100 * band.kept_fraction():.1f} % of the zonal "
+          f"degrees of freedom; cutoff next to the poles {band.cutoff[:, 0].max()} / {band.cutoff[:, -1].max()}, "
+          f"at the middle row {band.cutoff[:, band.cutoff.shape[1] // 2].max()}")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from wind_bmi.training import run_training
 
@@ -130,6 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--max-steps", type=int, dest="max_steps", help="stop this call at step N")
     tr.add_argument("--device", default="cpu", help="cpu or cuda")
     tr.set_defaults(func=cmd_train)
+
+    bl = sub.add_parser("band-limit", help="fit the data's zonal band limit into a prior's card",
+                        description="Per channel and latitude row, the zonal wavenumbers the training data occupies "
+                                    "(mean variance above EPS, normalised units); written into the card as "
+                                    "'band_limit', which the denoiser then projects its estimates onto.")
+    bl.add_argument("--model", required=True, help="model card (JSON) to update")
+    bl.add_argument("--data", required=True, help="data folder holding the card's training years")
+    bl.add_argument("--eps", type=float, default=1e-5, help="tail-variance threshold (default 1e-5)")
+    bl.set_defaults(func=cmd_band_limit)
 
     from wind_bmi import cli_more
 

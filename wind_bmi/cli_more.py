@@ -130,7 +130,8 @@ def cmd_report_prior(args: argparse.Namespace) -> int:
     from wind_bmi.evaluation.prior_report import run_prior_report
 
     rep = run_prior_report(args.data, args.out, card=args.model, rollout_days=args.days, steps=args.steps,
-                           history=args.history, update_card=not args.no_card, rollout_members=args.members)
+                           history=args.history, update_card=not args.no_card, rollout_members=args.members,
+                           band_limit=not args.no_band_limit)
     print(json.dumps({k: v for k, v in rep.items() if k != "unconditional_stats"}, indent=1))
     return 0
 
@@ -174,6 +175,8 @@ def add_commands(sub: Any) -> None:
     rp.add_argument("--steps", type=int, help="sampler steps (default: the BMI's, DDIM)")
     rp.add_argument("--history", help="train_state.json with the training history")
     rp.add_argument("--no-card", action="store_true", help="do not write the report into the card")
+    rp.add_argument("--no-band-limit", action="store_true",
+                    help="sample without the card's zonal band limit (ablation; implies nothing about the card)")
     rp.set_defaults(func=cmd_report_prior)
 
     be = sub.add_parser("bench", help="benchmark windows, network, training and memory; bench.json + bench.md")

@@ -107,6 +107,10 @@ class TrainConfig:
             row of the training years, stored in the card's normalisation as ``lat_offset``); the data
             and all operators keep the per-channel normalisation. A prior fine-tuned with
             ``init_from`` keeps its own normalisation (offset or none) whatever this says.
+        band_limit_eps: fit the data's zonal band limit (per channel and row, the zonal wavenumbers whose
+            mean variance exceeds this, normalised units; see ``wind_bmi.model.bandlimit``) on the
+            training years, store it in the card and train the projected estimate; None = no band
+            limit in training (one can still be fitted into a card with ``wind-bmi band-limit``).
         init_from: card (JSON) of a trained prior to start from (fine-tuning): its weights and
             normalisation, a fresh optimiser and LR schedule; architecture, channels and grid must
             match. Ignored by ``--resume`` once a training state exists.
@@ -135,6 +139,7 @@ class TrainConfig:
     seed: int = 0
     lat_weight_floor: float = 0.0
     latitude_offset: bool = False
+    band_limit_eps: float | None = None
     init_from: str | None = None
     model: ModelConfig = ModelConfig()
     schedule: ScheduleConfig = ScheduleConfig()

@@ -7,10 +7,11 @@ Run single-process, or with ``torchrun --nproc_per_node N`` for DistributedDataP
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,8 @@ import torch
 import torch.distributed as dist
 
 from wind_bmi.config import TrainConfig, to_dict
-from wind_bmi.data.windows import Normalisation, Splits, WindowDataset, build_splits
+from wind_bmi.data.windows import Channel, Normalisation, Splits, WindowDataset, build_splits, load_years
+from wind_bmi.model.bandlimit import ZonalBandLimit
 from wind_bmi.model.checkpoint import Prior, load_prior, save_prior
 from wind_bmi.model.network import UViT, count_parameters
 from wind_bmi.model.physics import latitude_weights
@@ -134,6 +136,48 @@ def _init_distributed() -> bool:
     return False
 
 
+def data_folders(data: str | Path) -> list[Path]:
+    """The generator runs (one sub-folder per seed) under ``data``, or ``data`` itself."""
+    # folders still empty (being generated) are skipped
+    return [p for p in sorted(Path(data).iterdir()) if p.is_dir() and any(p.glob("*.nc"))] or [Path(data)]
+
+
+def fit_band_limit_into_card(card: str | Path, data: str | Path, eps: float = 1e-5,
+                             years: Sequence[int] | None = None) -> ZonalBandLimit:
+    """Fit the zonal band limit of a prior's training data and write it into its card (atomically).
+
+    The frames of ``years`` (default: the card's training years) in ``data`` are normalised with the
+    card's statistics; the weights are not touched (their checksum in the card stays valid).
+
+    Raises:
+        ValueError: the data lacks the years, or its channels or grid differ from the card's.
+    """
+    card_path = Path(card)
+    prior = load_prior(card_path)
+    c = prior.card
+    years = list(years if years is not None else c.get("provenance", {}).get("train_years") or [])
+    if not years:
+        raise ValueError(f"model card {card_path}: no provenance 'train_years'; pass the years to fit on")
+    channels = [Channel(ch["variable"], ch["level"]) for ch in c["channels"]]
+    norm = Normalisation.from_dict(c["normalisation"])
+    shape = (len(channels), *prior.grid)
+
+    def chunks() -> Iterator[np.ndarray]:  # one year at a time bounds memory
+        for year in years:
+            raw = load_years(data_folders(data), [year], channels)
+            if raw.shape[1:] != shape:
+                raise ValueError(f"data {data}, year {year}: frames of shape {raw.shape[1:]}, the card's model "
+                                 f"is (C, H, W) = {shape}")
+            yield norm.normalise(raw)
+
+    band = ZonalBandLimit.fit(chunks(), eps)
+    c["band_limit"] = {**band.to_dict(), "fitted_on": {"data": str(data), "years": years}}
+    tmp = card_path.with_name(card_path.name + ".tmp")
+    tmp.write_text(json.dumps(c, indent=1))
+    os.replace(tmp, card_path)
+    return band
+
+
 def run_training(cfg: TrainConfig, data: str | None = None, out: str | None = None, resume: bool = False,
                  max_minutes: float | None = None, max_steps: int | None = None, device: str = "cpu",
                  progress: bool = True) -> Path:
@@ -144,9 +188,7 @@ def run_training(cfg: TrainConfig, data: str | None = None, out: str | None = No
         cfg = dataclasses.replace(cfg, out=out)
     started_dist = _init_distributed()
     try:
-        # each sub-folder is one generator run (seed); folders still empty (being generated) are skipped
-        paths = [p for p in sorted(Path(cfg.data).iterdir()) if p.is_dir() and any(p.glob("*.nc"))] \
-            or [Path(cfg.data)]
+        paths = data_folders(cfg.data)  # each sub-folder is one generator run (seed)
         init = load_prior(cfg.init_from) if cfg.init_from else None
         norm = Normalisation.from_dict(init.card["normalisation"]) if init else None
         splits = build_splits(paths, cfg.variables, cfg.train_years, cfg.val_years, (), T=cfg.model.frames,
@@ -162,16 +204,22 @@ def run_training(cfg: TrainConfig, data: str | None = None, out: str | None = No
                                      cfg.lat_weight_floor)
         lo = splits.norm.lat_offset
         offset = None if lo is None else torch.from_numpy(lo).float()
+        band = init.band_limit if init is not None else None  # a fine-tuned prior keeps its own
+        if band is None and cfg.band_limit_eps is not None:
+            band = ZonalBandLimit.fit(splits.train.frames, cfg.band_limit_eps)
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if device == "cuda" else torch.device(device)
         trainer = Trainer(net, sched, settings_from(cfg), batch_fn(splits.train), len(splits.train),
-                          batch_fn(splits.val), len(splits.val), latw, cfg.out, dev, offset)
+                          batch_fn(splits.val), len(splits.val), latw, cfg.out, dev, offset, band)
         if resume and (Path(cfg.out) / "train_state.json").exists():
             trainer.load_state()
         val = trainer.fit(max_steps=max_steps, max_minutes=max_minutes, progress=progress)
         card_path = Path(cfg.out) / "model.json"
         if trainer.rank == 0:
             record = _init_record(init, str(cfg.init_from)) if init is not None else None
-            save_prior(trainer.ema, make_card(cfg, splits, net, trainer, val, record), card_path)
+            card = make_card(cfg, splits, net, trainer, val, record)
+            if band is not None:
+                card["band_limit"] = {**band.to_dict(), "fitted_on": {"years": list(cfg.train_years)}}
+            save_prior(trainer.ema, card, card_path)
         return card_path
     finally:
         if started_dist:

@@ -196,6 +196,11 @@ def _load_split(paths: Sequence[str | Path], years: Sequence[int], channels: lis
     return np.concatenate(arrays, axis=0), times, channels, ds0
 
 
+def load_years(paths: Sequence[str | Path], years: Sequence[int], channels: list[Channel]) -> np.ndarray:
+    """Raw frames ``(N, C, H, W)`` of ``channels`` for calendar ``years`` from one or more data folders."""
+    return _load_split(paths, years, channels, sorted({c.variable for c in channels}))[0]
+
+
 def build_splits(paths: Sequence[str | Path], variables: Sequence[str], train_years: Sequence[int],
                  val_years: Sequence[int], test_years: Sequence[int] = (), T: int = 5,
                  norm: Normalisation | None = None, per_latitude: bool = False) -> Splits:

@@ -58,7 +58,7 @@ def denoising_error_by_row(denoise: Any, schedule: Any, windows: torch.Tensor, t
 def run_prior_report(data: str | Path, out: str | Path, card: str | Path | None = None, samples: int = 8,
                      rollout_days: float = 60.0, steps: int | None = None, history: str | Path | None = None,
                      rollout_members: int = 4,
-                     update_card: bool = True) -> dict[str, Any]:
+                     update_card: bool = True, band_limit: bool = True) -> dict[str, Any]:
     if rollout_members < 1:
         raise ValueError(f"rollout_members must be >= 1, got {rollout_members}")
     out = Path(out)
@@ -67,19 +67,20 @@ def run_prior_report(data: str | Path, out: str | Path, card: str | Path | None 
     prior = load_prior(card_path)
     sampler = SamplerConfig()  # the BMI's default sampler, unless ``steps`` says otherwise
     steps = steps or sampler.steps
-    wm = WindModel(prior, "cpu", bf16=True, steps=steps, eta=sampler.eta)
+    wm = WindModel(prior, "cpu", bf16=True, steps=steps, eta=sampler.eta, band_limit=band_limit)
     ds = open_any(data)
     phys = stack_channels(ds, [Channel(v, lv) for v, lv in wm.channels])  # (N, C, H, W)
     norm = wm.normalise(torch.from_numpy(phys)).numpy()
     windows = WindowDataset(norm, list(ds["time"].values), wm.T)
     lat = wm.lat.numpy()
     report: dict[str, Any] = {"data": str(data), "frames": int(phys.shape[0]),
-                              "sampler": {"steps": steps, "eta": sampler.eta}}
+                              "sampler": {"steps": steps, "eta": sampler.eta},
+                              "band_limit": wm.denoiser.band_limit is not None}
 
     latw = latw_torch(wm.lat).float()
     report["test_loss_per_band"] = validation_losses(prior.net, lambda idx: torch.from_numpy(windows.batch(idx)),
                                                      len(windows), prior.schedule, latw, 64, True,
-                                                     offset=prior.lat_offset)
+                                                     offset=prior.lat_offset, band_limit=wm.denoiser.band_limit)
 
     step = max(1, len(windows) // 8)
     sel = torch.from_numpy(windows.batch(list(range(0, len(windows), step))[:8]))
