@@ -79,6 +79,7 @@ def build_network(card: dict[str, Any]) -> UViT:
         patch=int(arch["patch"]), in_patch=int(arch.get("in_patch", 1)),
         vector_channels=tuple(int(c) for c in arch.get("vector_channels", ())),
         lat_deg=[float(v) for v in card["grid"]["lat"]] if arch.get("lat_input", False) else None,
+        temporal_mix=bool(arch.get("temporal_mix", False)),
     )
 
 

@@ -135,6 +135,32 @@ class TransformerBlock(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
+class FrameMix(nn.Module):
+    """Residual mixing across the frames of a window at every pixel: ``h + W silu(norm(h))`` over the
+    stacked ``(T * c)`` channels, zero-initialised (starts as the identity).
+
+    The per-frame convolutions otherwise meet other frames only at the coarsest level (the
+    transformer), so a clean context frame's fine detail could reach a generated frame only through
+    that bottleneck.
+    """
+
+    def __init__(self, c: int, frames: int) -> None:
+        super().__init__()
+        self.frames = frames
+        self.norm = nn.GroupNorm(_groups(c), c)
+        self.mix = nn.Conv2d(frames * c, frames * c, 1)
+        nn.init.zeros_(self.mix.weight)
+        nn.init.zeros_(self.mix.bias)  # type: ignore[arg-type]
+
+    def forward(self, h: Tensor) -> Tensor:
+        BT, c, H, W = h.shape
+        T = self.frames
+        if BT % T:
+            raise ValueError(f"FrameMix: {BT} frames in the batch are not whole windows of {T}")
+        m = F.silu(self.norm(h)).reshape(BT // T, T * c, H, W)
+        return h + self.mix(m).reshape(BT, c, H, W)
+
+
 class UViT(nn.Module):
     """Noise-blind UViT over windows ``(B, T, C, H, W)``.
 
@@ -153,12 +179,15 @@ class UViT(nn.Module):
             conv as two static input channels (the convolutions are otherwise the same at every
             latitude, and the rows next to the poles, 96 cells around a ~2000 km circle on T31, are
             smooth on a scale found nowhere else). Not a noise level: the network stays noise-blind.
+        temporal_mix: after every conv stage (down and up paths) a :class:`FrameMix` mixes the frames
+            at every pixel, so a generated frame can copy a clean frame's detail at full resolution
+            (windows must then have exactly ``frames`` frames).
     """
 
     def __init__(self, in_channels: int, frames: int, grid: tuple[int, int], channels: tuple[int, ...] = (32, 64, 128),
                  blocks_per_stage: int = 1, dim: int = 256, depth: int = 4, heads: int = 4, patch: int = 1,
                  in_patch: int = 1, vector_channels: tuple[int, ...] = (),
-                 lat_deg: Sequence[float] | None = None) -> None:
+                 lat_deg: Sequence[float] | None = None, temporal_mix: bool = False) -> None:
         super().__init__()
         H, W = grid
         static: Tensor | None = None
@@ -208,6 +237,9 @@ class UViT(nn.Module):
         nn.init.zeros_(self.from_tokens.bias)
         self.up = nn.ModuleList()
         self.upsample = nn.ModuleList()
+        self.temporal_mix = temporal_mix
+        self.mix_down = nn.ModuleList([FrameMix(c, frames) for c in channels] if temporal_mix else [])
+        self.mix_up = nn.ModuleList([FrameMix(c, frames) for c in reversed(channels)] if temporal_mix else [])
         for i in reversed(range(len(channels))):
             c = channels[i]
             self.up.append(nn.ModuleList([ResBlock(2 * c if j == 0 else c, c) for j in range(blocks_per_stage)]))
@@ -223,6 +255,8 @@ class UViT(nn.Module):
         B, T, C, H, W = z.shape
         if (C, H, W) != (self.in_channels, *self.grid):
             raise ValueError(f"expected windows (B, T, {self.in_channels}, {self.grid[0]}, {self.grid[1]}), got {tuple(z.shape)}")
+        if self.temporal_mix and T != self.frames:
+            raise ValueError(f"this network mixes frames: windows must have {self.frames} frames, got {T}")
         h = z.reshape(B * T, C, H, W)
         if self.static is not None:
             h = torch.cat([h, self.static.to(h.dtype).expand(B * T, -1, -1, -1)], dim=1)
@@ -233,6 +267,8 @@ class UViT(nn.Module):
         for i, blocks in enumerate(self.down):
             for blk in blocks:  # type: ignore[attr-defined]
                 h = blk(h)
+            if self.temporal_mix:
+                h = self.mix_down[i](h)
             skips.append(h)
             if i < len(self.downsample):
                 h = self.downsample[i](h)
@@ -241,6 +277,8 @@ class UViT(nn.Module):
             h = torch.cat([h, skips.pop()], dim=1)
             for blk in blocks:  # type: ignore[attr-defined]
                 h = blk(h)
+            if self.temporal_mix:
+                h = self.mix_up[j](h)
             if j < len(self.upsample):
                 h = self.upsample[j](F.interpolate(h, scale_factor=2.0, mode="nearest"))
         out = self.out(F.silu(self.out_norm(h)))

@@ -462,3 +462,32 @@ def test_latitude_input_lets_the_convolutions_differ_by_row(tiny_data: Path, tin
     with pytest.raises(ValueError, match="architecture"):
         run_training(dataclasses.replace(cfg, init_from=str(plain_card)), data=str(tiny_data),
                      out=str(tmp_path / "bad"), max_steps=1, progress=False)
+
+
+def test_temporal_mix_carries_a_clean_frame_to_the_others_at_full_resolution(tiny_config: Path, tiny_data: Path,
+                                                                             tmp_path: Path) -> None:
+    import dataclasses
+
+    plain, mixed = tiny_net(), tiny_net(temporal_mix=True)
+    for net in (plain, mixed):
+        torch.manual_seed(1)
+        for name, p in net.named_parameters():  # perturb the zero-initialised branches, but keep the
+            if not name.startswith("from_tokens"):  # transformer's output at zero: no other path in time
+                p.data.add_(0.05 * torch.randn_like(p))
+    z = torch.randn(1, 5, 4, 8, 16)
+    z2 = z.clone()
+    z2[0, 0, :, 3, 5] += 1.0  # one pixel of frame 0
+    with torch.no_grad():
+        d_plain = (plain(z2) - plain(z))[0, 1:].abs()
+        d_mixed = (mixed(z2) - mixed(z))[0, 1:].abs()
+    assert float(d_plain.max()) == 0.0  # per-frame convs alone never reach another frame
+    assert float(d_mixed.max()) > 1e-4
+    assert float(d_mixed[..., 3, 5].mean()) > float(d_mixed[..., 7, 13].mean())  # local, at full resolution
+    with pytest.raises(ValueError, match="5 frames"):
+        mixed(z[:, :4])
+    # trained with it, the card records it and loads the same network
+    cfg = load_config(tiny_config)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, temporal_mix=True))
+    card_path = run_training(cfg, data=str(tiny_data), out=str(tmp_path / "tm"), max_steps=2, progress=False)
+    assert json.loads(card_path.read_text())["architecture"]["temporal_mix"] is True
+    assert load_prior(card_path).net.temporal_mix

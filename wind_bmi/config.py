@@ -64,6 +64,9 @@ class ModelConfig:
             pole-crossing halo, where their local axes reverse (needs ``in_patch: 1``).
         lat_input: give the first conv ``sin(lat)`` and ``cos(lat)`` as two static input channels, so
             the convolutions can differ by latitude (the polar rows; see the README's prior notes).
+        temporal_mix: mix the frames at every pixel after each conv stage (``network.FrameMix``), so
+            a clean context frame's detail reaches the generated frames at full resolution, not only
+            through the coarse transformer.
     """
 
     channels: tuple[int, ...] = (64, 128, 256)
@@ -76,6 +79,7 @@ class ModelConfig:
     frames: int = 5
     pole_flip_winds: bool = False
     lat_input: bool = False
+    temporal_mix: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -61,7 +61,7 @@ def network_for(cfg: TrainConfig, variables: list[str], grid: tuple[int, int],
         raise ValueError("model.lat_input needs the grid's latitudes")
     return UViT(len(variables), m.frames, grid, channels=m.channels, blocks_per_stage=m.blocks_per_stage, dim=m.dim,
                 depth=m.depth, heads=m.heads, patch=m.patch, in_patch=m.in_patch, vector_channels=vector,
-                lat_deg=lat if m.lat_input else None)
+                lat_deg=lat if m.lat_input else None, temporal_mix=m.temporal_mix)
 
 
 def check_init(prior: Prior, cfg: TrainConfig, splits: Splits, net: UViT) -> None:
