@@ -83,6 +83,11 @@ def build_network(card: dict[str, Any]) -> UViT:
     )
 
 
+def write_card(card: dict[str, Any], card_path: Path) -> None:
+    """Write a model card atomically (a temporary file, then rename)."""
+    _atomic_write_text(card_path, json.dumps(card, indent=1))
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -102,7 +107,7 @@ def save_prior(net: torch.nn.Module, card: dict[str, Any], card_path: str | Path
     card["card_version"] = CARD_VERSION
     card["weights"] = {"file": weights_path.name, "sha256": _sha256(weights_path),
                        "tensors": {k: list(v.shape) for k, v in state.items()}}
-    _atomic_write_text(card_path, json.dumps(card, indent=1))
+    write_card(card, card_path)
     return card_path
 
 

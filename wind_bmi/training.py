@@ -7,7 +7,6 @@ Run single-process, or with ``torchrun --nproc_per_node N`` for DistributedDataP
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import subprocess
 import time
@@ -22,7 +21,7 @@ import torch.distributed as dist
 from wind_bmi.config import TrainConfig, to_dict
 from wind_bmi.data.windows import Channel, Normalisation, Splits, WindowDataset, build_splits, load_years
 from wind_bmi.model.bandlimit import ZonalBandLimit
-from wind_bmi.model.checkpoint import Prior, load_prior, save_prior
+from wind_bmi.model.checkpoint import Prior, load_prior, save_prior, write_card
 from wind_bmi.model.network import UViT, count_parameters
 from wind_bmi.model.physics import latitude_weights
 from wind_bmi.model.schedule import CosineVPSchedule
@@ -172,9 +171,7 @@ def fit_band_limit_into_card(card: str | Path, data: str | Path, eps: float = 1e
 
     band = ZonalBandLimit.fit(chunks(), eps)
     c["band_limit"] = {**band.to_dict(), "fitted_on": {"data": str(data), "years": years}}
-    tmp = card_path.with_name(card_path.name + ".tmp")
-    tmp.write_text(json.dumps(c, indent=1))
-    os.replace(tmp, card_path)
+    write_card(c, card_path)
     return band
 
 

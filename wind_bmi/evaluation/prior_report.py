@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from wind_bmi.config import SamplerConfig
 from wind_bmi.data.layouts import open_any
 from wind_bmi.data.windows import Channel, WindowDataset, stack_channels
 from wind_bmi.evaluation.scores import latitude_weights, zonal_power_spectrum
-from wind_bmi.model.checkpoint import load_prior, shipped_card_path
+from wind_bmi.model.checkpoint import load_prior, shipped_card_path, write_card
 from wind_bmi.model.physics import latitude_weights as latw_torch
 from wind_bmi.model.tasks import WindModel
 from wind_bmi.model.train import validation_losses
@@ -168,7 +167,5 @@ def run_prior_report(data: str | Path, out: str | Path, card: str | Path | None 
     if update_card:
         c = json.loads(card_path.read_text())
         c["test_report"] = report
-        tmp = card_path.with_name(card_path.name + ".tmp")
-        tmp.write_text(json.dumps(c, indent=1))
-        os.replace(tmp, card_path)
+        write_card(c, card_path)
     return report
