@@ -306,6 +306,23 @@ def test_prior_report_rolls_out_several_members(tiny_model: Path, tiny_data: Pat
     assert json.loads(card.read_text())["test_report"]["rollout"]["members"] == 3
     rows = rep["denoise_rmse_by_row_t0.3"]["rows"]
     assert len(rows) == 8 and all(np.isfinite(rows))
+    cu = rep["context_use_t1"]
+    assert cu["estimate"][0] == 0.0 and cu["persistence"][0] == 0.0 and len(cu["estimate"]) == 5
+
+
+def test_context_use_tells_a_copying_denoiser_from_a_blind_one() -> None:
+    from wind_bmi.evaluation.prior_report import context_use
+
+    sched = CosineVPSchedule()
+    base = torch.randn(3, 1, 2, 4, 8)
+    windows = base + 0.1 * torch.randn(3, 5, 2, 4, 8)  # frames close to each other
+    copy = lambda z, t: torch.where((t == 0)[..., None, None, None], z, z[:, :1].expand_as(z))  # noqa: E731
+    blind = lambda z, t: torch.where((t == 0)[..., None, None, None], z, torch.zeros_like(z))  # noqa: E731
+    c = context_use(copy, sched, windows, 1.0, torch.Generator().manual_seed(0))
+    b = context_use(blind, sched, windows, 1.0, torch.Generator().manual_seed(0))
+    np.testing.assert_allclose(c["estimate"], c["persistence"], rtol=1e-6)
+    np.testing.assert_allclose(b["estimate"][1:], b["climatology"][1:], rtol=1e-6)
+    assert max(c["estimate"][1:]) < 0.5 * min(b["estimate"][1:])
 
 
 def _free_port() -> int:
