@@ -155,14 +155,13 @@ def load_prior(card_path: str | Path | None = None, device: str | torch.device =
         if np.shape(off) != shape:
             raise CheckpointError(f"model card {card_path}: normalisation 'lat_offset' has shape {np.shape(off)}, "
                                   f"expected (channels, latitudes) = {shape}")
-    if card.get("band_limit") is not None:
-        try:
-            ZonalBandLimit.from_dict(card["band_limit"], (len(card["channels"]), len(card["grid"]["lat"]),
-                                                          len(card["grid"]["lon"])))
-        except ValueError as exc:
-            raise CheckpointError(f"model card {card_path}: {exc}") from exc
     net.eval().to(device)
     for p in net.parameters():
         p.requires_grad_(False)
     sched = CosineVPSchedule(float(card["schedule"]["a_min"]), float(card["schedule"]["s_min"]))
-    return Prior(net=net, schedule=sched, card=card)
+    prior = Prior(net=net, schedule=sched, card=card)
+    try:
+        prior.band_limit  # noqa: B018 -- checked here, where the card enters
+    except ValueError as exc:
+        raise CheckpointError(f"model card {card_path}: {exc}") from exc
+    return prior
