@@ -47,11 +47,17 @@ class TrainSettings:
     ema_decay: float = 0.999
     w_max: float = 5.0
     clean_prefix_prob: float = 0.5
+    shared_level_prob: float = 0.0
     checkpoint_minutes: float = 5.0
     bf16: bool = True
     val_windows: int = 64
     seed: int = 0
     lat_weight_floor: float = 0.0
+
+    def __post_init__(self) -> None:
+        for key in ("clean_prefix_prob", "shared_level_prob"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ValueError(f"{key} must be in [0, 1], got {getattr(self, key)}")
 
 
 def loss_latitude_weights(area_weights: Tensor, floor: float) -> Tensor:
@@ -91,9 +97,19 @@ def batch_indices(step: int, n: int, batch: int, seed: int) -> list[int]:
     return out
 
 
-def sample_levels(B: int, T: int, clean_prefix_prob: float, g: torch.Generator) -> Tensor:
-    """Per-frame levels ``(B, T)``: uniform, with a clean prefix of 1..T-1 frames in part of the batch."""
+def sample_levels(B: int, T: int, clean_prefix_prob: float, g: torch.Generator,
+                  shared_level_prob: float = 0.0) -> Tensor:
+    """Per-frame levels ``(B, T)``: uniform, with a clean prefix of 1..T-1 frames in part of the batch.
+
+    ``shared_level_prob``: fraction of samples whose frames all get one level (the prefix still
+    clean): the states the sampler visits when it generates frames together. 0 draws no extra
+    random numbers, so runs without it keep their exact levels.
+    """
     t = torch.rand(B, T, generator=g, dtype=torch.float64).clamp_min(1e-4)
+    if shared_level_prob > 0.0:
+        shared = torch.rand(B, generator=g) < shared_level_prob
+        level = torch.rand(B, 1, generator=g, dtype=torch.float64).clamp_min(1e-4)
+        t = torch.where(shared[:, None], level.expand(B, T), t)
     has_prefix = torch.rand(B, generator=g) < clean_prefix_prob
     k = torch.randint(1, T, (B,), generator=g)
     frame = torch.arange(T)[None, :]
@@ -246,7 +262,7 @@ class Trainer:
         local = idx[self.rank::self.world]
         g = torch.Generator().manual_seed(s.seed * 7_919 + self.step * 104_729 + self.rank)
         x = self.train_batch(local).to(self.device)
-        t = sample_levels(x.shape[0], x.shape[1], s.clean_prefix_prob, g).to(self.device)
+        t = sample_levels(x.shape[0], x.shape[1], s.clean_prefix_prob, g, s.shared_level_prob).to(self.device)
         self.model.train()
         loss = diffusion_loss(self.model, x, t, self.schedule, self.latw, s.w_max, g, s.bf16, self.offset,
                               self.band_limit)

@@ -160,6 +160,27 @@ def test_data_order_and_levels_are_deterministic() -> None:
         assert torch.all(row[:k] == 0) and torch.all(row[k:] > 0)
 
 
+def test_shared_levels_give_the_noisy_frames_one_level_and_keep_the_prefix_clean() -> None:
+    from wind_bmi.model.train import TrainSettings
+
+    g = torch.Generator().manual_seed(0)
+    t = sample_levels(2000, 5, 0.5, g, shared_level_prob=0.5)
+    noisy = [row[row > 0] for row in t]
+    one_level = torch.tensor([bool(torch.all(r == r[0])) for r in noisy]).float().mean()
+    assert 0.45 < one_level < 0.6  # ~half shared (+ the rows whose single noisy frame is trivially one level)
+    base = sample_levels(2000, 5, 0.5, torch.Generator().manual_seed(0))
+    base_one = torch.tensor([bool(torch.all(r[r > 0] == r[r > 0][0])) for r in base]).float().mean()
+    assert base_one < 0.15  # independent levels: only single-noisy-frame rows
+    for row in t[(t == 0).any(dim=1)]:  # the clean prefix survives sharing
+        k = int((row == 0).sum())
+        assert torch.all(row[:k] == 0) and torch.all(row[k:] > 0)
+    # 0 draws nothing extra: the levels of runs without it are unchanged
+    assert torch.equal(sample_levels(64, 5, 0.5, torch.Generator().manual_seed(3), 0.0),
+                       sample_levels(64, 5, 0.5, torch.Generator().manual_seed(3)))
+    with pytest.raises(ValueError, match="shared_level_prob"):
+        TrainSettings(shared_level_prob=1.5)
+
+
 def test_loss_latitude_weight_floor_lifts_the_polar_rows() -> None:
     from wind_bmi.model.physics import latitude_weights
 
@@ -268,6 +289,32 @@ def test_fine_tuning_starts_from_the_prior_and_keeps_its_normalisation(tiny_mode
     with pytest.raises(ValueError, match="init_from .*architecture"):
         run_training(wider, data=str(other), out=str(tmp_path / "bad"), max_steps=1, progress=False)
     assert not (tmp_path / "bad" / "model.json").exists()
+
+
+def test_fine_tuning_grows_frame_mixers_on_a_prior_without_them(tiny_model: Path, tiny_config: Path,
+                                                                 tiny_data: Path, tmp_path: Path) -> None:
+    import dataclasses
+
+    from safetensors.torch import load_file
+    from wind_bmi.model.checkpoint import load_prior
+
+    cfg = load_config(tiny_config)
+    assert not cfg.model.temporal_mix
+    grown = dataclasses.replace(cfg, init_from=str(tiny_model), shared_level_prob=0.5,
+                                model=dataclasses.replace(cfg.model, temporal_mix=True))
+    base = load_prior(tiny_model)
+    c0 = load_prior(run_training(grown, data=str(tiny_data), out=str(tmp_path / "g0"), max_steps=0, progress=False))
+    assert c0.net.temporal_mix and c0.card["architecture"]["temporal_mix"]
+    z = torch.randn(2, 5, base.net.in_channels, 8, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # zero steps: the mixers are the identity, so the same function
+        assert torch.allclose(c0.net(z), base.net(z), atol=1e-6)
+    c3 = run_training(grown, data=str(tiny_data), out=str(tmp_path / "g3"), max_steps=3, progress=False)
+    w3 = load_file(str(c3.with_suffix(".safetensors")))
+    assert any(float(v.abs().max()) > 0 for k, v in w3.items() if k.startswith("mix_") and k.endswith("mix.weight"))
+    # the other way round (dropping a prior's mixers) is refused by name
+    shrink = dataclasses.replace(cfg, init_from=str(c3))
+    with pytest.raises(ValueError, match="init_from .*architecture"):
+        run_training(shrink, data=str(tiny_data), out=str(tmp_path / "bad"), max_steps=1, progress=False)
 
 
 def test_denoising_error_by_row_is_zero_for_an_oracle_and_sigma_for_the_identity() -> None:

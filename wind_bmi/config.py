@@ -101,6 +101,9 @@ class TrainConfig:
         batch_size, lr, weight_decay, warmup_steps, steps, grad_clip, ema_decay: optimiser.
         w_max: clip of the loss weight ``min(1 + SNR, w_max)``.
         clean_prefix_prob: fraction of samples given a clean prefix of 1-4 frames.
+        shared_level_prob: fraction of samples whose noisy frames share one level (as when the
+            sampler generates frames together, e.g. a forecast after a clean prefix); 0 = every
+            frame's level independent.
         checkpoint_minutes: wall time between checkpoints.
         bf16: bf16 autocast (AMX on CPU), fp32 master weights.
         val_windows: validation windows evaluated per noise band.
@@ -137,6 +140,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     w_max: float = 5.0
     clean_prefix_prob: float = 0.5
+    shared_level_prob: float = 0.0
     checkpoint_minutes: float = 5.0
     bf16: bool = True
     val_windows: int = 64

@@ -79,9 +79,27 @@ def check_init(prior: Prior, cfg: TrainConfig, splits: Splits, net: UViT) -> Non
         raise ValueError(f"init_from {src}: schedule {sched} differs from the config's {to_dict(cfg.schedule)}")
     want = {k: tuple(v.shape) for k, v in net.state_dict().items()}
     have = {k: tuple(v.shape) for k, v in prior.net.state_dict().items()}
-    if want != have:
-        diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+    diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+    if diff and not set(diff) <= added_mixers(prior, net):
         raise ValueError(f"init_from {src}: architecture differs from the config's model (tensors {diff[:4]})")
+
+
+def added_mixers(prior: Prior, net: UViT) -> set[str]:
+    """Tensors of ``net``'s frame mixers when ``prior`` has none: a prior grows them at fine-tuning.
+
+    The mixers start as the identity (zero-initialised residual), so the grown network computes
+    exactly what ``prior`` does until training moves them.
+    """
+    if not net.temporal_mix or prior.net.temporal_mix:
+        return set()
+    return {k for k in net.state_dict() if k.startswith(("mix_down.", "mix_up."))}
+
+
+def load_init(prior: Prior, net: UViT) -> None:
+    """Copy ``prior``'s weights into ``net`` (checked by :func:`check_init`); grown mixers keep their init."""
+    missing, unexpected = net.load_state_dict(prior.net.state_dict(), strict=False)
+    if unexpected or set(missing) - added_mixers(prior, net):
+        raise ValueError(f"init_from: tensors missing {missing[:4]}, unexpected {unexpected[:4]}")
 
 
 def _init_record(prior: Prior, path: str) -> dict[str, Any]:
@@ -195,7 +213,7 @@ def run_training(cfg: TrainConfig, data: str | None = None, out: str | None = No
         net = network_for(cfg, [c.variable for c in splits.channels], grid, [float(v) for v in splits.lat])
         if init is not None:
             check_init(init, cfg, splits, net)
-            net.load_state_dict(init.net.state_dict())  # the trainer's EMA starts as a copy of these
+            load_init(init, net)  # the trainer's EMA starts as a copy of these
         sched = CosineVPSchedule(cfg.schedule.a_min, cfg.schedule.s_min)
         latw = loss_latitude_weights(latitude_weights(torch.tensor(np.array(splits.lat, dtype=np.float64))),
                                      cfg.lat_weight_floor)
