@@ -89,6 +89,7 @@ def write_card(card: dict[str, Any], card_path: Path) -> None:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
+    path = path.resolve()  # a link (e.g. an editable install's) is written through, not replaced
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)

@@ -555,3 +555,18 @@ def test_temporal_mix_carries_a_clean_frame_to_the_others_at_full_resolution(tin
     card_path = run_training(cfg, data=str(tiny_data), out=str(tmp_path / "tm"), max_steps=2, progress=False)
     assert json.loads(card_path.read_text())["architecture"]["temporal_mix"] is True
     assert load_prior(card_path).net.temporal_mix
+
+
+def test_write_card_writes_through_a_link_and_keeps_it(tmp_path: Path) -> None:
+    """An editable install links the package's card to the repository's: updating the card (report,
+    band-limit fit) must reach the repository file, not replace the link with a copy."""
+    from wind_bmi.model.checkpoint import write_card
+
+    real = tmp_path / "repo" / "card.json"
+    real.parent.mkdir()
+    real.write_text(json.dumps({"name": "a"}))
+    link = tmp_path / "card.json"
+    link.symlink_to(real)
+    write_card({"name": "b"}, link)
+    assert link.is_symlink() and json.loads(real.read_text()) == {"name": "b"}
+    assert not list(tmp_path.rglob("*.tmp"))

@@ -51,9 +51,9 @@ def test_shipped_band_limit_holds_for_held_out_data_and_is_used(wm: WindModel, s
     assert float(polar) < 0.25 < float(equator)
 
 
-QUALITY = pytest.mark.xfail(reason="known (issue 3): the shipped prior (3250 steps, 124 min of CPU, test MSE per "
-                                   "band 0.010/0.035/0.088/0.289 with its band limit) is undertrained: its forecasts "
-                                   "and full-noise estimates are not yet within half of climatology", strict=False)
+QUALITY = pytest.mark.xfail(reason="known (issue 3): the shipped prior (3250 + 1509 fine-tuning steps, 186 min of "
+                                   "CPU, test MSE per band 0.009/0.027/0.064/0.220 with its band limit) is "
+                                   "undertrained: its full-noise estimates and 4x downscaling are not yet good enough", strict=False)
 
 
 def test_forecast_is_physically_plausible(wm: WindModel, sample: torch.Tensor) -> None:
@@ -79,7 +79,6 @@ def test_prior_denoises_and_uses_its_context(wm: WindModel, sample: torch.Tensor
         assert err < 0.5 * ref, (t_level, err, ref)
 
 
-@QUALITY
 def test_24h_ensemble_forecast_beats_climatology_by_far(wm: WindModel, sample: torch.Tensor) -> None:
     ens = wm.forecast(sample[0], 24, members=4, generator=torch.Generator().manual_seed(6))
     truth = wm.normalise(sample[4])
