@@ -53,7 +53,8 @@ def test_shipped_band_limit_holds_for_held_out_data_and_is_used(wm: WindModel, s
 
 QUALITY = pytest.mark.xfail(reason="known (issue 3): the shipped prior (3250 + 1509 fine-tuning steps, 186 min of "
                                    "CPU, test MSE per band 0.009/0.027/0.064/0.220 with its band limit) is "
-                                   "undertrained: its full-noise estimates and 4x downscaling are not yet good enough", strict=False)
+                                   "undertrained: its full-noise estimates and 4x downscaling are not yet good enough",
+                            strict=False)
 
 
 def test_forecast_is_physically_plausible(wm: WindModel, sample: torch.Tensor) -> None:
