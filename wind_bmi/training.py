@@ -95,13 +95,6 @@ def added_mixers(prior: Prior, net: UViT) -> set[str]:
     return {k for k in net.state_dict() if k.startswith(("mix_down.", "mix_up."))}
 
 
-def load_init(prior: Prior, net: UViT) -> None:
-    """Copy ``prior``'s weights into ``net`` (checked by :func:`check_init`); grown mixers keep their init."""
-    missing, unexpected = net.load_state_dict(prior.net.state_dict(), strict=False)
-    if unexpected or set(missing) - added_mixers(prior, net):
-        raise ValueError(f"init_from: tensors missing {missing[:4]}, unexpected {unexpected[:4]}")
-
-
 def _init_record(prior: Prior, path: str) -> dict[str, Any]:
     tr = prior.card.get("training", {})
     return {"card": path, "name": prior.card.get("name"), "sha256": prior.card["weights"]["sha256"],
@@ -213,7 +206,8 @@ def run_training(cfg: TrainConfig, data: str | None = None, out: str | None = No
         net = network_for(cfg, [c.variable for c in splits.channels], grid, [float(v) for v in splits.lat])
         if init is not None:
             check_init(init, cfg, splits, net)
-            load_init(init, net)  # the trainer's EMA starts as a copy of these
+            # check_init let only grown mixers differ; they keep their identity init (EMA copies all)
+            net.load_state_dict(init.net.state_dict(), strict=False)
         sched = CosineVPSchedule(cfg.schedule.a_min, cfg.schedule.s_min)
         latw = loss_latitude_weights(latitude_weights(torch.tensor(np.array(splits.lat, dtype=np.float64))),
                                      cfg.lat_weight_floor)
