@@ -7,7 +7,9 @@ Each rank runs a :class:`~wind_bmi.WindBmi` holding its share of the ensemble. E
 2. the observations (flat indices, values, errors) are all-gathered; duplicates of one cell are
    merged (precision-weighted mean), cells outside the grid are dropped and counted;
 3. every rank feeds them to its members through ``set_value_at_indices`` and ``update()`` runs one
-   MMPS-guided window; a free-running ensemble advances beside it for comparison;
+   MMPS-guided window; a free-running ensemble advances beside it for comparison; the ranks then
+   all-gather whether their windows succeeded, so a rank whose window fails (e.g. NaN) stops every
+   rank with its message instead of leaving the others waiting in the next collective;
 4. the analysis mean and spread are reduced across ranks (sums of x and x^2 over members).
 
 Rank 0 writes the netCDF output (temp file, then rename); if any rank raises, every rank stops
@@ -163,9 +165,19 @@ def run_assimilation(cfg: AssimilationConfig, out: str | Path, comm: Any = None)
             break
         g_idx, g_val, g_err, n_dup, n_out = merge_observations([g for g in gathered if not isinstance(g, str)], n)
         # the observation error is per variable in the component: use the merged values at the stream error
-        da.set_value_at_indices(OBS_NAME, g_idx, g_val)
-        da.update()
-        free.update()
+        try:
+            if cycle == 1 and rank == cfg.fail_update_rank:
+                raise RuntimeError(f"injected update failure on rank {rank}")
+            da.set_value_at_indices(OBS_NAME, g_idx, g_val)
+            da.update()
+            free.update()
+            status = ""
+        except Exception as exc:  # noqa: BLE001 - a rank that fails its window must not leave the others waiting
+            status = f"rank {rank} (cycle {cycle + 1}, window update): {type(exc).__name__}: {exc}"
+        errors = [e for e in comm.allgather(status) if e]
+        if errors:
+            failed = "; ".join(errors)
+            break
         members = da.get_value(STATE_NAME + "_ensemble_members", np.empty(my_members * n)).reshape(my_members, n)
         fm = free.get_value(STATE_NAME + "_ensemble_members", np.empty(my_members * n)).reshape(my_members, n)
         s1, s2, f1, cnt = _reduce(comm, members, fm)

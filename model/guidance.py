@@ -30,7 +30,8 @@ from wind_bmi.model.operators import Observation
 def conjugate_gradient(matvec: Callable[[Tensor], Tensor], b: Tensor, iterations: int, eps: float = 1e-30) -> Tensor:
     """Solve ``M u = b`` per batch row (``b: (B, M)``) with a fixed number of CG iterations.
 
-    Dot products in float64; denominators clamped away from zero so a converged row stays put.
+    Dot products in float64. A row stops where it stands (``u`` and ``K u`` keep their last values)
+    once it has converged or meets a direction of non-positive or non-finite curvature.
     """
     u, _ = conjugate_gradient_image(lambda p: (matvec(p), p), b, iterations, eps)
     return u
@@ -49,10 +50,19 @@ def conjugate_gradient_image(apply: Callable[[Tensor], tuple[Tensor, Tensor]], b
     r = b.clone()
     p = r.clone()
     rr = (r.double() ** 2).sum(dim=1)
+    active = torch.ones(b.shape[0], dtype=torch.bool, device=b.device)
     for _ in range(iterations):
         Mp, Kp = apply(p)
         pMp = (p.double() * Mp.double()).sum(dim=1)
-        alpha = (rr / pMp.clamp_min(eps)).to(b.dtype)
+        # M is SPD in exact arithmetic, but MMPS's M = Sigma_y + A' Gamma J^T A'^T holds the network's
+        # (bf16) Jacobian, which need not be symmetric or positive: a direction with p^T M p <= 0 (or
+        # a non-finite one) ends that row's iterations where it stands, as truncated CG does; dividing
+        # by a clamped ~0 curvature would take a step of ~1e30 and turn the window into inf/NaN.
+        finite = torch.isfinite(Mp).all(dim=1) & torch.isfinite(Kp.reshape(Kp.shape[0], -1)).all(dim=1)
+        active = active & finite & (pMp > eps)
+        alpha = torch.where(active, rr / torch.where(active, pMp, 1.0), 0.0).to(b.dtype)
+        keep = active.reshape(-1, *([1] * (Kp.dim() - 1)))
+        Mp, Kp = torch.where(active[:, None], Mp, 0.0), torch.where(keep, Kp, 0.0)  # no 0 * inf
         u = u + alpha[:, None] * p
         step = alpha.reshape(-1, *([1] * (Kp.dim() - 1))) * Kp
         Ku = step if Ku is None else Ku + step

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -55,3 +56,10 @@ def test_two_rank_cycle_and_faults(tmp_path: Path) -> None:
     assert bad.returncode != 0
     assert "injected failure on rank 1" in bad.stderr
     assert not (tmp_path / "bad" / "analysis.nc").exists() and not list((tmp_path / "bad").glob("*.tmp"))
+    # a rank whose window fails (as a NaN window does) stops both ranks with its message: the other rank
+    # does not wait forever in the next collective (the timeout would fail this test), nothing is left
+    t0 = time.perf_counter()
+    bad = _run(tmp_path, "bad_update", fail_update_rank=0)
+    assert bad.returncode != 0 and time.perf_counter() - t0 < 300
+    assert "injected update failure on rank 0" in bad.stderr and "window update" in bad.stderr
+    assert sorted(p.name for p in (tmp_path / "bad_update").iterdir()) == []

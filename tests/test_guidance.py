@@ -108,3 +108,29 @@ def test_cg_image_accumulates_the_linear_image_of_the_solution_with_one_apply_pe
         assert len(calls) == n  # the MMPS correction costs no extra VJP
         assert torch.allclose(Ku, torch.einsum("bi,ijk->bjk", u, K), atol=1e-10)
         assert torch.allclose(u, conjugate_gradient(lambda v: v @ M.T, b, n), atol=1e-12)
+
+
+def test_cg_stops_a_row_at_non_positive_curvature_and_keeps_the_others():
+    """MMPS's system holds the network's (bf16) Jacobian, so a direction can have p^T M p <= 0: that
+    row stops where it stands instead of dividing by a clamped zero (a ~1e30 step, then NaN)."""
+    g = torch.Generator().manual_seed(5)
+    L = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    spd = L @ L.T + torch.eye(6, dtype=torch.float64)
+    indefinite = torch.diag(torch.tensor([1.0, 2.0, -3.0, 4.0, 5.0, 6.0], dtype=torch.float64))
+    b = torch.randn(2, 6, generator=g, dtype=torch.float64)
+    b[1] = torch.tensor([3.0, 0.0, 1.0, 0.0, 0.0, 0.0])  # b.Mb = 6 > 0, the second direction's p.Mp = -200
+
+    def apply(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.stack([p[0] @ spd.T, p[1] @ indefinite.T]), 2.0 * p
+
+    u, Ku = conjugate_gradient_image(apply, b, 6)
+    assert torch.isfinite(u).all() and torch.isfinite(Ku).all()
+    assert torch.allclose(u[0] @ spd.T, b[0], atol=1e-9)  # the SPD row still converges exactly
+    assert torch.allclose(Ku, 2.0 * u, atol=1e-12)
+    # row 1 kept its first (positive-curvature) step only: u = alpha_0 b with alpha_0 = b.b / b.Mb
+    assert (b[1] @ indefinite @ b[1]) > 0
+    alpha0 = (b[1] @ b[1]) / (b[1] @ indefinite @ b[1])
+    assert torch.allclose(u[1], alpha0 * b[1], atol=1e-12)
+    # a non-finite image ends the row too, without spreading NaN to the result
+    u_nan, Ku_nan = conjugate_gradient_image(lambda p: (p @ spd.T, p * float("nan")), b, 3)
+    assert torch.equal(u_nan, torch.zeros_like(b)) and torch.equal(Ku_nan, torch.zeros_like(b))

@@ -253,7 +253,8 @@ class AssimilationConfig:
     moving: bool = False  # stations move every cycle
     level_index: int = -1  # -1: all levels observed at the station cells
     silent_rank: int = -1  # fault injection for tests: this rank has no observations
-    fail_rank: int = -1  # fault injection for tests: this rank raises at cycle 1
+    fail_rank: int = -1  # fault injection for tests: this rank raises drawing its observations in the 2nd cycle
+    fail_update_rank: int = -1  # fault injection for tests: this rank's window update raises in the 2nd cycle
     outside_grid: int = 0  # fault injection: observations with indices beyond the grid
     duplicates: int = 0  # fault injection: observations repeated
     kind: str = "assimilate"
