@@ -8,6 +8,7 @@ import runpy
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import xarray as xr
 import yaml
@@ -110,3 +111,21 @@ def test_examples_run(script: str, over: dict[str, object], fast_config: Path, t
         assert result["assimilated"] < result["free"]
     if script == "downscale.py":
         assert result["pool_back_rmse_K"] < 2 * 0.5  # within 2 sigma_y (temperature observation error 0.5 K)
+
+
+def test_forecast_skill_example_scores_against_an_independent_persistence() -> None:
+    from wind_bmi.data.layouts import open_any
+
+    run = runpy.run_path(str(ROOT / "examples" / "forecast_skill.py"), run_name="not_main")["main"]
+    out = run(["--starts", "3", "4", "--members", "2", "--steps", "2"])
+    ds = open_any(shipped_sample_path())
+    t = ds["temperature"].transpose("time", "level", "lat", "lon").values.astype(np.float64)
+    w = np.cos(np.deg2rad(ds["lat"].values))
+    w = w / w.mean()
+    d = np.stack([t[4] - t[3], t[5] - t[4]])
+    assert out["persistence_6h_K"] == pytest.approx(float(np.sqrt((d**2 * w[:, None]).mean())), rel=1e-5)
+    assert 0 < out["forecast_6h_K"] < 20 and set(out["bands"]) == {"-90..-60", "-60..-30", "-30..30", "30..60", "60..90"}
+    tropics = np.abs(ds["lat"].values) < 30
+    wt = w[tropics] / w[tropics].mean()
+    assert out["bands"]["-30..30"]["persistence_6h_K"] == pytest.approx(
+        float(np.sqrt((d[:, :, tropics] ** 2 * wt[:, None]).mean())), rel=1e-5)
