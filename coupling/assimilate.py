@@ -159,9 +159,8 @@ def run_assimilation(cfg: AssimilationConfig, out: str | Path, comm: Any = None)
         except Exception as exc:  # noqa: BLE001 - any failure must reach every rank
             mine = f"rank {rank}: {type(exc).__name__}: {exc}"
         gathered = comm.allgather(mine)
-        errors = [g for g in gathered if isinstance(g, str)]
-        if errors:
-            failed = "; ".join(errors)
+        failed = _failures(gathered)
+        if failed:
             break
         g_idx, g_val, g_err, n_dup, n_out = merge_observations([g for g in gathered if not isinstance(g, str)], n)
         # the observation error is per variable in the component: use the merged values at the stream error
@@ -171,12 +170,11 @@ def run_assimilation(cfg: AssimilationConfig, out: str | Path, comm: Any = None)
             da.set_value_at_indices(OBS_NAME, g_idx, g_val)
             da.update()
             free.update()
-            status = ""
+            status: str | None = None
         except Exception as exc:  # noqa: BLE001 - a rank that fails its window must not leave the others waiting
             status = f"rank {rank} (cycle {cycle + 1}, window update): {type(exc).__name__}: {exc}"
-        errors = [e for e in comm.allgather(status) if e]
-        if errors:
-            failed = "; ".join(errors)
+        failed = _failures(comm.allgather(status))
+        if failed:
             break
         members = da.get_value(STATE_NAME + "_ensemble_members", np.empty(my_members * n)).reshape(my_members, n)
         fm = free.get_value(STATE_NAME + "_ensemble_members", np.empty(my_members * n)).reshape(my_members, n)
@@ -186,11 +184,11 @@ def run_assimilation(cfg: AssimilationConfig, out: str | Path, comm: Any = None)
         fmean = f1 / cnt
         seen = np.zeros(n, dtype=bool)
         seen[g_idx] = True  # the analysis where observed (fit to the data) and away from them
-        history["rmse_analysis"].append(_weighted_rms(mean - truth, lat_w))
-        history["rmse_free"].append(_weighted_rms(fmean - truth, lat_w))
-        history["spread_analysis"].append(_weighted_rms(np.sqrt(var), lat_w))
-        history["rmse_analysis_observed"].append(_weighted_rms((mean - truth)[seen], lat_w[seen]))
-        history["rmse_analysis_unobserved"].append(_weighted_rms((mean - truth)[~seen], lat_w[~seen]))
+        history["rmse_analysis"].append(weighted_rms(mean - truth, lat_w))
+        history["rmse_free"].append(weighted_rms(fmean - truth, lat_w))
+        history["spread_analysis"].append(weighted_rms(np.sqrt(var), lat_w))
+        history["rmse_analysis_observed"].append(weighted_rms((mean - truth)[seen], lat_w[seen]))
+        history["rmse_analysis_unobserved"].append(weighted_rms((mean - truth)[~seen], lat_w[~seen]))
         history["n_obs"].append(int(g_idx.size))
         if cycle == 0:
             history["duplicates_merged"] = [n_dup]
@@ -233,7 +231,13 @@ def run_assimilation(cfg: AssimilationConfig, out: str | Path, comm: Any = None)
     return summary
 
 
-def _weighted_rms(e: np.ndarray, w: np.ndarray) -> float:
+def _failures(gathered: list[Any]) -> str | None:
+    """The ranks' error messages (the strings among the all-gathered items) joined, or None."""
+    errors = [g for g in gathered if isinstance(g, str)]
+    return "; ".join(errors) if errors else None
+
+
+def weighted_rms(e: np.ndarray, w: np.ndarray) -> float:
     """``sqrt(sum w e^2 / sum w)``: the latitude-weighted RMS of ``e`` over the cells given."""
     return float(np.sqrt(np.sum(w * e**2) / max(float(w.sum()), 1e-12)))
 

@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+import numpy as np
 import torch
+from wind_bmi.coupling.assimilate import weighted_rms
 from wind_bmi.model.checkpoint import load_prior, shipped_card_path
 from wind_bmi.model.tasks import WindModel
 
@@ -30,8 +32,9 @@ BANDS = ((-90.0, -60.0), (-60.0, -30.0), (-30.0, 30.0), (30.0, 60.0), (60.0, 90.
 
 
 def _rms(e: torch.Tensor, w: torch.Tensor) -> float:
-    """Latitude-weighted RMS of ``e (..., H, W)`` with row weights ``w (H,)`` of mean 1 over its rows."""
-    return float((e.double() ** 2 * w.double()[:, None]).mean().sqrt())
+    """Latitude-weighted RMS of ``e (..., H, W)`` with row weights ``w (H,)``, as the OSSE scores it."""
+    e64 = e.double().numpy()
+    return weighted_rms(e64, np.broadcast_to(w.double().numpy()[:, None], e64.shape))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -53,7 +56,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tc = wm.channels_of("temperature")
     lat = wm.lat.float()
     w = torch.cos(torch.deg2rad(lat))
-    w = w / w.mean()
     errs, pers = [], []
     for s in args.starts:
         g = torch.Generator().manual_seed(args.seed + s)
@@ -64,8 +66,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"forecast_6h_K": _rms(e, w), "persistence_6h_K": _rms(q, w), "bands": {}}
     for lo, hi in BANDS:
         m = (lat >= lo) & (lat < hi) if hi < 90 else (lat >= lo)
-        out["bands"][f"{lo:g}..{hi:g}"] = {"forecast_6h_K": _rms(e[..., m, :], w[m] / w[m].mean()),
-                                         "persistence_6h_K": _rms(q[..., m, :], w[m] / w[m].mean())}
+        out["bands"][f"{lo:g}..{hi:g}"] = {"forecast_6h_K": _rms(e[..., m, :], w[m]),
+                                         "persistence_6h_K": _rms(q[..., m, :], w[m])}
     print(f"6-h temperature RMSE (K, lat-weighted, all levels), {len(args.starts)} starts, {args.members} members, "
           f"{args.steps} steps: ensemble mean {out['forecast_6h_K']:.2f}, persistence {out['persistence_6h_K']:.2f}")
     for band, r in out["bands"].items():

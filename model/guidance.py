@@ -61,10 +61,10 @@ def conjugate_gradient_image(apply: Callable[[Tensor], tuple[Tensor, Tensor]], b
         finite = torch.isfinite(Mp).all(dim=1) & torch.isfinite(Kp.reshape(Kp.shape[0], -1)).all(dim=1)
         active = active & finite & (pMp > eps)
         alpha = torch.where(active, rr / torch.where(active, pMp, 1.0), 0.0).to(b.dtype)
-        keep = active.reshape(-1, *([1] * (Kp.dim() - 1)))
-        Mp, Kp = torch.where(active[:, None], Mp, 0.0), torch.where(keep, Kp, 0.0)  # no 0 * inf
+        per_row = (-1, *([1] * (Kp.dim() - 1)))
+        Mp, Kp = torch.where(active[:, None], Mp, 0.0), torch.where(active.reshape(per_row), Kp, 0.0)  # no 0 * inf
         u = u + alpha[:, None] * p
-        step = alpha.reshape(-1, *([1] * (Kp.dim() - 1))) * Kp
+        step = alpha.reshape(per_row) * Kp
         Ku = step if Ku is None else Ku + step
         r = r - alpha[:, None] * Mp
         rr_new = (r.double() ** 2).sum(dim=1)
