@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--members", type=int, default=4)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--eta", type=float, default=1.0)
+    p.add_argument("--start-level", type=float, default=1.0,
+                   help="warm start: generated frames start from persistence noised to this level (1: from noise)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     wm = WindModel(load_prior(args.model or shipped_card_path()), "cpu", bf16=True)
@@ -59,7 +61,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     errs, pers = [], []
     for s in args.starts:
         g = torch.Generator().manual_seed(args.seed + s)
-        f = wm.forecast(x[s - 3:s + 1], 6.0, args.members, g, context_frames=4, steps=args.steps, eta=args.eta)[:, 0]
+        f = wm.forecast(x[s - 3:s + 1], 6.0, args.members, g, context_frames=4, steps=args.steps, eta=args.eta,
+                        start_level=args.start_level)[:, 0]
         errs.append(f[:, tc].mean(0) - x[s + 1, tc])
         pers.append(x[s, tc] - x[s + 1, tc])
     e, q = torch.stack(errs), torch.stack(pers)  # (starts, levels, H, W)
@@ -69,7 +72,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out["bands"][f"{lo:g}..{hi:g}"] = {"forecast_6h_K": _rms(e[..., m, :], w[m]),
                                          "persistence_6h_K": _rms(q[..., m, :], w[m])}
     print(f"6-h temperature RMSE (K, lat-weighted, all levels), {len(args.starts)} starts, {args.members} members, "
-          f"{args.steps} steps: ensemble mean {out['forecast_6h_K']:.2f}, persistence {out['persistence_6h_K']:.2f}")
+          f"{args.steps} steps, start level {args.start_level:g}:\n"
+          f"  ensemble mean {out['forecast_6h_K']:.2f}, persistence {out['persistence_6h_K']:.2f}")
     for band, r in out["bands"].items():
         print(f"  lat {band:>10}: {r['forecast_6h_K']:.2f} vs {r['persistence_6h_K']:.2f}")
     return out

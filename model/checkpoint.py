@@ -50,6 +50,11 @@ class Prior:
         return None if off is None else torch.tensor(off, dtype=torch.float32)
 
     @property
+    def persistence_anomaly(self) -> bool:
+        """The network was trained on departures from persistence (architecture key; False on older cards)."""
+        return bool(self.card["architecture"].get("persistence_anomaly", False))
+
+    @property
     def band_limit(self) -> ZonalBandLimit | None:
         """The data's zonal band limit from the card (``band_limit``), or None (cards without one)."""
         d = self.card.get("band_limit")

@@ -3,8 +3,9 @@
 A denoiser is any callable ``(z, t) -> x_hat``. :class:`PriorDenoiser` wraps the noise-blind
 network: the network never sees ``t`` (it infers each frame's noise from ``z``); the wrapper uses
 it to pass clean frames through unchanged and, for priors trained with a latitude offset, to centre
-the input per latitude (:func:`network_estimate`). :class:`GaussianDenoiser` is the analytic denoiser of a
-Gaussian prior, used to test guidance exactly.
+the input per latitude and, for priors trained on persistence anomalies, to show the network each
+noisy frame as its departure from the newest clean frame before it (:func:`network_estimate`).
+:class:`GaussianDenoiser` is the analytic denoiser of a Gaussian prior, used to test guidance exactly.
 """
 
 from __future__ import annotations
@@ -25,26 +26,52 @@ class Denoiser(Protocol):
     def __call__(self, z: Tensor, t: Tensor) -> Tensor: ...
 
 
+def persistence_base(z: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """For each frame, the newest clean frame (``t == 0``) strictly before it, and where there is one.
+
+    Returns ``(base (B, T, C, H, W), has (B, T) bool)``; ``has`` is False on clean frames and on noisy
+    frames with no clean frame before them (their ``base`` is meaningless and must not be used).
+    """
+    B, T = t.shape
+    clean = t == 0
+    idx = torch.arange(T, device=t.device).expand(B, T)
+    newest = torch.where(clean, idx, torch.full_like(idx, -1)).cummax(dim=1).values  # clean at or before f
+    has = (newest >= 0) & ~clean
+    src = newest.clamp_min(0)[:, :, None, None, None].expand_as(z)
+    return torch.gather(z, 1, src), has
+
+
 def network_estimate(net: nn.Module, z: Tensor, t: Tensor, schedule: CosineVPSchedule, offset: Tensor | None,
-                     bf16: bool, band_limit: ZonalBandLimit | None = None) -> Tensor:
+                     bf16: bool, band_limit: ZonalBandLimit | None = None, persistence: bool = False) -> Tensor:
     """``x_hat`` of the network for ``z: (B, T, C, H, W)`` at levels ``t: (B, T)`` (training and sampling).
 
     With ``offset`` ``(C, H)`` (the latitude offset of the normalisation) the network works in the
     per-latitude-centred space ``x' = x - offset``: it gets ``z - alpha_t offset`` (= ``alpha_t x' +
     sigma_t eps``, the same noise) and its estimate of ``x'`` is shifted back. The network itself stays
     blind to ``t``; this is a fixed change of variables of the data, exact for any ``t``.
+    With ``persistence`` a noisy frame that has a clean frame before it is centred on the newest such
+    frame ``x_p`` instead (``z - alpha_t x_p``, the same noise; the estimate shifted back by ``x_p``): the
+    network estimates the departure from persistence, whose zero is persistence itself, so a forecast
+    starts from it rather than from the climatological state. Frames with no clean frame before them
+    (no context, e.g. downscaling) keep the latitude offset or none. Again a fixed change of
+    variables; the network is told neither the levels nor which frames are clean.
     With ``band_limit`` the estimate is projected onto the zonal wavenumbers the data occupies
     (:class:`~wind_bmi.model.bandlimit.ZonalBandLimit`).
     """
-    off = None
+    shift = None
     if offset is not None:
-        off = offset.to(z.device, z.dtype)[:, :, None]
-        z = z - schedule.coefficients(t)[0].to(z.dtype) * off
+        shift = offset.to(z.device, z.dtype)[:, :, None].expand(z.shape)
+    if persistence:
+        base, has = persistence_base(z, t)
+        keep = has[..., None, None, None]
+        shift = torch.where(keep, base, torch.zeros_like(z) if shift is None else shift)
+    if shift is not None:
+        z = z - schedule.coefficients(t)[0].to(z.dtype) * shift
     with torch.autocast(z.device.type, dtype=torch.bfloat16, enabled=bf16):
         x_hat = net(z)
     x_hat = x_hat.to(z.dtype)
-    if off is not None:
-        x_hat = x_hat + off
+    if shift is not None:
+        x_hat = x_hat + shift
     return x_hat if band_limit is None else band_limit(x_hat)
 
 
@@ -59,19 +86,24 @@ class PriorDenoiser(nn.Module):
         band_limit: the data's zonal band limit (the card's ``band_limit``), or None: estimates of
             noisy frames are projected onto it, and guidance projects its posterior estimate too
             (:meth:`project`).
+        persistence: the prior was trained on departures from persistence (the card's architecture
+            key ``persistence_anomaly``; :func:`network_estimate`).
     """
 
     def __init__(self, net: nn.Module, schedule: CosineVPSchedule, bf16: bool = False,
-                 offset: Tensor | None = None, band_limit: ZonalBandLimit | None = None) -> None:
+                 offset: Tensor | None = None, band_limit: ZonalBandLimit | None = None,
+                 persistence: bool = False) -> None:
         super().__init__()
         self.net = net
         self.schedule = schedule
         self.bf16 = bf16
         self.offset = None if offset is None else offset.float()
         self.band_limit = band_limit
+        self.persistence = persistence
 
     def forward(self, z: Tensor, t: Tensor) -> Tensor:
-        x_hat = network_estimate(self.net, z, t, self.schedule, self.offset, self.bf16, self.band_limit)
+        x_hat = network_estimate(self.net, z, t, self.schedule, self.offset, self.bf16, self.band_limit,
+                                 self.persistence)
         clean = (t == 0)[..., None, None, None]
         return torch.where(clean, z, x_hat)
 

@@ -11,6 +11,13 @@ are never noised and are re-inserted after every step. Update for frames with ``
 
 ``eta = 0`` is DDIM, ``eta = 1`` DDPM-like. Ensemble members are the batch dimension.
 Randomness comes only from the explicit ``torch.Generator``.
+
+Warm start (``start_level < 1``, SDEdit-style): the generated frames start at level ``t*`` from
+``alpha(t*) x_p + sigma(t*) eps``, where ``x_p`` persists the newest clean context frame before each
+of them, instead of from pure noise at ``t = 1``; the reverse steps then cover ``t* .. 0``. The prior
+only has to correct persistence where it denoises well (mid noise levels) rather than invent the new
+frame from nothing (at ``t = 1`` the shipped prior's estimate of the next 6-h frame is worse than
+persistence). It biases the sample towards persistence, the more the lower ``t*``.
 """
 
 from __future__ import annotations
@@ -24,12 +31,12 @@ from wind_bmi.model.schedule import CosineVPSchedule
 DenoiseFn = Callable[[Tensor, Tensor], Tensor]
 
 
-def full_sequence_schedule(steps: int, context: Tensor) -> Tensor:
-    """All generated frames share ``t = 1 - k/steps``; context frames (bool ``(T,)``) stay at 0.
+def full_sequence_schedule(steps: int, context: Tensor, start: float = 1.0) -> Tensor:
+    """All generated frames share ``t = start (1 - k/steps)``; context frames (bool ``(T,)``) stay at 0.
 
     Returns ``(steps + 1, T)``.
     """
-    levels = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    levels = torch.linspace(start, 0.0, steps + 1, dtype=torch.float64)
     t = levels[:, None].expand(steps + 1, context.numel()).clone()
     t[:, context] = 0.0
     return t
@@ -66,13 +73,30 @@ def ddim_step(schedule: CosineVPSchedule, z: Tensor, x_hat: Tensor, t: Tensor, s
 
 
 @torch.no_grad()
+def persistence(context: Tensor, context_mask: Tensor) -> Tensor:
+    """Each frame replaced by the newest context frame at or before it (``(B, T, C, H, W)``).
+
+    Raises ValueError when a generated frame has no context frame before it.
+    """
+    cm = context_mask.to(torch.bool).cpu().tolist()
+    src, last = [], -1
+    for f, is_ctx in enumerate(cm):
+        last = f if is_ctx else last
+        if last < 0:
+            raise ValueError(f"start_level < 1 persists the newest context frame, but frame {f} has none before it "
+                             f"(context_mask {cm})")
+        src.append(last)
+    return context[:, src]
+
+
+@torch.no_grad()
 def _unguided(denoise: DenoiseFn, z: Tensor, t: Tensor) -> Tensor:
     return denoise(z, t)
 
 
 def sample_window(denoise: DenoiseFn, schedule: CosineVPSchedule, context: Tensor, context_mask: Tensor,
                   steps: int = 32, eta: float = 1.0, generator: torch.Generator | None = None,
-                  guided: DenoiseFn | None = None, schedule_kind: str = "full") -> Tensor:
+                  guided: DenoiseFn | None = None, schedule_kind: str = "full", start_level: float = 1.0) -> Tensor:
     """Draw windows whose context frames equal ``context`` exactly.
 
     Args:
@@ -85,6 +109,8 @@ def sample_window(denoise: DenoiseFn, schedule: CosineVPSchedule, context: Tenso
         generator: the only source of randomness.
         guided: a guided denoiser (e.g. MMPS) replacing ``denoise``; it may need gradients.
         schedule_kind: ``full`` (generated frames share t) or ``pyramid``.
+        start_level: ``t*`` in (0, 1]: below 1, a warm start from persistence (module docstring);
+            ``full`` schedule only.
 
     Returns:
         ``(B, T, C, H, W)`` with context frames bit-identical to ``context``.
@@ -95,12 +121,22 @@ def sample_window(denoise: DenoiseFn, schedule: CosineVPSchedule, context: Tenso
     cm = context_mask.to(torch.bool).cpu()
     if cm.numel() != T:
         raise ValueError(f"context_mask has {cm.numel()} frames, window has {T}")
-    tmat = (pyramid_schedule if schedule_kind == "pyramid" else full_sequence_schedule)(steps, cm)
+    if not 0.0 < start_level <= 1.0:
+        raise ValueError(f"start_level must be in (0, 1], got {start_level}")
+    if schedule_kind not in ("full", "pyramid"):
+        raise ValueError(f"schedule_kind must be 'full' or 'pyramid', got {schedule_kind!r}")
+    if schedule_kind == "pyramid":
+        if start_level < 1.0:
+            raise ValueError("start_level < 1 needs schedule_kind 'full'")
+        tmat = pyramid_schedule(steps, cm)
+    else:
+        tmat = full_sequence_schedule(steps, cm, start_level)
     tmat = tmat.to(device=context.device, dtype=context.dtype)
     keep = cm.to(context.device)[None, :, None, None, None]
+    start = persistence(context, cm) if start_level < 1.0 else torch.zeros_like(context)
     noise = torch.randn(context.shape, generator=generator, dtype=context.dtype, device=context.device)
     a0, s0 = schedule.coefficients(tmat[0].expand(B, T))
-    z = torch.where(keep, context, a0 * torch.zeros_like(context) + s0 * noise)
+    z = torch.where(keep, context, a0 * start + s0 * noise)
     fn = guided if guided is not None else (lambda zz, tt: _unguided(denoise, zz, tt))
     for k in range(tmat.shape[0] - 1):
         t = tmat[k].expand(B, T)

@@ -119,14 +119,15 @@ def sample_levels(B: int, T: int, clean_prefix_prob: float, g: torch.Generator,
 
 def diffusion_loss(net: nn.Module, x: Tensor, t: Tensor, schedule: CosineVPSchedule, latw: Tensor, w_max: float,
                    g: torch.Generator, bf16: bool, offset: Tensor | None = None,
-                   band_limit: ZonalBandLimit | None = None) -> Tensor:
+                   band_limit: ZonalBandLimit | None = None, persistence: bool = False) -> Tensor:
     """Weighted x-prediction loss of one batch ``x: (B, T, C, H, W)`` at levels ``t: (B, T)``.
 
     ``offset``: the normalisation's latitude offset ``(C, H)`` (see :func:`network_estimate`) or None;
-    ``band_limit``: the data's zonal band limit the estimate is projected onto, or None.
+    ``band_limit``: the data's zonal band limit the estimate is projected onto, or None;
+    ``persistence``: train on departures from persistence after clean frames (:func:`network_estimate`).
     """
     z = schedule.noise(x, t, generator=g)
-    x_hat = network_estimate(net, z, t, schedule, offset, bf16, band_limit)
+    x_hat = network_estimate(net, z, t, schedule, offset, bf16, band_limit, persistence)
     err = (x_hat - x) ** 2 * latw[None, None, None, :, None]
     per_frame = err.mean(dim=(2, 3, 4))  # (B, T)
     w = schedule.loss_weight(t, w_max)
@@ -136,11 +137,30 @@ def diffusion_loss(net: nn.Module, x: Tensor, t: Tensor, schedule: CosineVPSched
 @torch.no_grad()
 def validation_losses(net: nn.Module, val_batch: BatchFn, n_val: int, schedule: CosineVPSchedule, latw: Tensor,
                       windows: int, bf16: bool, seed: int = 12345, batch: int = 8,
-                      offset: Tensor | None = None, band_limit: ZonalBandLimit | None = None) -> dict[str, float]:
+                      offset: Tensor | None = None, band_limit: ZonalBandLimit | None = None,
+                      persistence: bool = False) -> dict[str, float]:
     """Latitude-weighted MSE of ``x_hat`` per noise band (all frames at one level per sample), with the
-    estimate projected onto ``band_limit`` when given (as the denoiser does)."""
+    estimate projected onto ``band_limit`` when given (as the denoiser does).
+
+    Also ``forecast_t1``: the MSE of the last frame's estimate at ``t = 1`` with all earlier frames clean
+    (the first step of a 6-h forecast), next to ``forecast_persistence``, that of persisting the frame
+    before it (the score to beat).
+    """
     idx = torch.linspace(0, n_val - 1, min(windows, n_val)).round().long().tolist()
     out = {}
+    fc, pers, n_fc = 0.0, 0.0, 0
+    g = torch.Generator().manual_seed(seed)
+    for i in range(0, len(idx), batch):
+        x = val_batch(idx[i:i + batch])
+        B, T = x.shape[:2]
+        t = torch.zeros(B, T)
+        t[:, -1] = 1.0
+        z = schedule.noise(x, t, generator=g)
+        x_hat = network_estimate(net, z, t, schedule, offset, bf16, band_limit, persistence)
+        w = latw[None, None, :, None]
+        fc += float(((x_hat[:, -1] - x[:, -1]) ** 2 * w).mean(dim=(1, 2, 3)).sum())
+        pers += float(((x[:, -2] - x[:, -1]) ** 2 * w).mean(dim=(1, 2, 3)).sum())
+        n_fc += B
     for lo, hi in NOISE_BANDS:
         g = torch.Generator().manual_seed(seed)
         total, count = 0.0, 0
@@ -149,11 +169,13 @@ def validation_losses(net: nn.Module, val_batch: BatchFn, n_val: int, schedule: 
             B, T = x.shape[:2]
             t = (lo + (hi - lo) * torch.rand(B, 1, generator=g)).clamp_min(1e-4).expand(B, T).contiguous()
             z = schedule.noise(x, t, generator=g)
-            x_hat = network_estimate(net, z, t, schedule, offset, bf16, band_limit)
+            x_hat = network_estimate(net, z, t, schedule, offset, bf16, band_limit, persistence)
             err = ((x_hat - x) ** 2 * latw[None, None, None, :, None]).mean(dim=(1, 2, 3, 4))
             total += float(err.sum())
             count += B
         out[f"t_{lo:.2f}_{hi:.2f}"] = total / max(count, 1)
+    out["forecast_t1"] = fc / max(n_fc, 1)
+    out["forecast_persistence"] = pers / max(n_fc, 1)
     return out
 
 
@@ -195,15 +217,17 @@ class Trainer:
         device: torch device.
         offset: the normalisation's latitude offset ``(C, H)`` or None (see :func:`network_estimate`).
         band_limit: the data's zonal band limit the estimates are projected onto, or None.
+        persistence: train on departures from persistence after clean frames (:func:`network_estimate`).
     """
 
     def __init__(self, net: nn.Module, schedule: CosineVPSchedule, settings: TrainSettings, train_batch: BatchFn,
                  n_train: int, val_batch: BatchFn, n_val: int, latw: Tensor, out: str | Path,
                  device: str | torch.device = "cpu", offset: Tensor | None = None,
-                 band_limit: ZonalBandLimit | None = None) -> None:
+                 band_limit: ZonalBandLimit | None = None, persistence: bool = False) -> None:
         self.device = torch.device(device)
         self.offset = None if offset is None else offset.to(self.device, torch.float32)
         self.band_limit = band_limit
+        self.persistence = persistence
         self.world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         self.rank = dist.get_rank() if self.world > 1 else 0
         if settings.batch_size % self.world:
@@ -265,7 +289,7 @@ class Trainer:
         t = sample_levels(x.shape[0], x.shape[1], s.clean_prefix_prob, g, s.shared_level_prob).to(self.device)
         self.model.train()
         loss = diffusion_loss(self.model, x, t, self.schedule, self.latw, s.w_max, g, s.bf16, self.offset,
-                              self.band_limit)
+                              self.band_limit, self.persistence)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.net.parameters(), s.grad_clip)
@@ -313,7 +337,7 @@ class Trainer:
                 break
         bar.close()
         val = validation_losses(self.ema, self.val_batch, self.n_val, self.schedule, self.latw, s.val_windows, s.bf16,
-                                offset=self.offset, band_limit=self.band_limit)
+                                offset=self.offset, band_limit=self.band_limit, persistence=self.persistence)
         self.history.append({"step": self.step, "val": val, "wall_seconds": self.wall})
         self.save_state()
         return val

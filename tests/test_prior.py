@@ -201,7 +201,7 @@ def test_training_reduces_loss_and_checkpoint_round_trips(tiny_model: Path) -> N
     losses = [h["loss"] for h in hist if "loss" in h]
     assert losses[-1] < losses[0]
     assert card["training"]["steps"] == 30 and set(card["validation"]) == {
-        "t_0.00_0.25", "t_0.25_0.50", "t_0.50_0.75", "t_0.75_1.00"}
+        "t_0.00_0.25", "t_0.25_0.50", "t_0.50_0.75", "t_0.75_1.00", "forecast_t1", "forecast_persistence"}
     assert len(card["normalisation"]["mean"]) == len(card["channels"]) == 3 * 4 + 2
     prior = load_prior(tiny_model)
     from safetensors.torch import load_file
@@ -570,3 +570,87 @@ def test_write_card_writes_through_a_link_and_keeps_it(tmp_path: Path) -> None:
     write_card({"name": "b"}, link)
     assert link.is_symlink() and json.loads(real.read_text()) == {"name": "b"}
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_persistence_anomaly_is_a_change_of_variables_that_starts_forecasts_from_persistence(
+        tiny_data: Path, tiny_config: Path, tmp_path: Path) -> None:
+    import dataclasses
+
+    from wind_bmi.model.denoiser import PriorDenoiser, network_estimate, persistence_base
+    from wind_bmi.model.tasks import WindModel
+    from wind_bmi.model.train import diffusion_loss, validation_losses
+
+    # the base of each frame: the newest clean frame strictly before it
+    t = torch.tensor([[0.0, 0.5, 0.0, 0.7, 0.9], [0.3, 0.2, 0.0, 0.1, 0.0]])
+    z = torch.arange(10.0).reshape(2, 5, 1, 1, 1).expand(2, 5, 2, 3, 4).contiguous()
+    base, has = persistence_base(z, t)
+    assert has.tolist() == [[False, True, False, True, True], [False, False, False, True, False]]
+    assert base[0, 1, 0, 0, 0] == 0 and base[0, 3, 0, 0, 0] == 2 and base[0, 4, 0, 0, 0] == 2
+    assert base[1, 3, 0, 0, 0] == 7
+    # a persistent world (every frame equals the first) is learnt by the zero network with the change only
+    sched = CosineVPSchedule()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 1, 3, 8, 16, generator=g).expand(4, 5, 3, 8, 16).contiguous()
+    tt = sample_levels(4, 5, 1.0, g)  # every sample has a clean prefix
+    zero_net = lambda z: 0 * z  # noqa: E731
+    latw = torch.ones(8)
+    kw = dict(w_max=5.0, g=torch.Generator().manual_seed(1), bf16=False)
+    assert float(diffusion_loss(zero_net, x, tt, sched, latw, persistence=True, **kw)) == 0.0  # type: ignore[arg-type]
+    assert float(diffusion_loss(zero_net, x, tt, sched, latw, **kw)) > 1.0  # type: ignore[arg-type]
+    # frames with no clean frame before them are untouched: an all-noisy window is estimated as without it
+    net = tiny_net()
+    for p in net.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    zz = torch.randn(2, 5, 4, 8, 16, generator=g)
+    noisy = torch.rand(2, 5, generator=g) + 0.1
+    assert torch.equal(network_estimate(net, zz, noisy, sched, None, False, persistence=True),
+                       network_estimate(net, zz, noisy, sched, None, False))
+    with_ctx = noisy.clone()
+    with_ctx[:, 0] = 0.0
+    assert not torch.allclose(PriorDenoiser(net, sched, persistence=True)(zz, with_ctx),
+                              PriorDenoiser(net, sched)(zz, with_ctx))
+    # validation scores the first step of a 6-h forecast against persistence: the zero network with the
+    # change IS persistence; without it, it forecasts 0 (the climatological mean)
+    xs = torch.randn(6, 5, 4, 8, 16, generator=g).cumsum(dim=1) * 0.3  # frames that wander
+
+    def batch(idx: list[int]) -> torch.Tensor:
+        return xs[idx]
+
+    v = validation_losses(zero_net, batch, 6, sched, latw, 6, False, persistence=True)  # type: ignore[arg-type]
+    assert v["forecast_persistence"] > 0 and v["forecast_t1"] == pytest.approx(v["forecast_persistence"], rel=1e-6)
+    v0 = validation_losses(zero_net, batch, 6, sched, latw, 6, False)  # type: ignore[arg-type]
+    assert v0["forecast_t1"] > 2 * v0["forecast_persistence"]
+    # trained with it, the card says so and the loaded prior's denoiser applies it
+    cfg = load_config(tiny_config)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, persistence_anomaly=True))
+    card_path = run_training(cfg, data=str(tiny_data), out=str(tmp_path / "pa"), max_steps=2, progress=False)
+    assert json.loads(card_path.read_text())["architecture"]["persistence_anomaly"] is True
+    assert WindModel(load_prior(card_path)).denoiser.persistence
+
+
+def test_sampler_warm_start_from_persistence() -> None:
+    sched = CosineVPSchedule()
+    g = torch.Generator().manual_seed(0)
+    ctx = torch.randn(3, 5, 4, 8, 16, generator=g)
+    mask = torch.tensor([True, True, False, False, False])
+
+    def D(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # an estimate that keeps what it is given
+        return z
+
+    def draw(**kw: object) -> torch.Tensor:
+        return sample_window(D, sched, ctx, mask, steps=4, eta=0.0, generator=torch.Generator().manual_seed(1),
+                             **kw)  # type: ignore[arg-type]
+
+    assert torch.equal(draw(), draw(start_level=1.0))  # 1 is the cold start, bit for bit
+    warm, cold = draw(start_level=0.02), draw()
+    assert torch.equal(warm[:, :2], ctx[:, :2])
+    persist = ctx[:, 1:2].expand(3, 3, 4, 8, 16)
+    assert float((warm[:, 2:] - persist).abs().max()) < 0.2  # starts (and stays) next to persistence
+    assert float((cold[:, 2:] - persist).abs().mean()) > 0.5
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="start_level"):
+            draw(start_level=bad)
+    with pytest.raises(ValueError, match="frame 0 has none before it"):
+        sample_window(D, sched, ctx, torch.tensor([False, True, False, False, False]), steps=2, start_level=0.5)
+    with pytest.raises(ValueError, match="schedule_kind 'full'"):
+        draw(start_level=0.5, schedule_kind="pyramid")

@@ -69,6 +69,10 @@ class ModelConfig:
         temporal_mix: mix the frames at every pixel after each conv stage (``network.FrameMix``), so
             a clean context frame's detail reaches the generated frames at full resolution, not only
             through the coarse transformer.
+        persistence_anomaly: the network sees each noisy frame that follows a clean frame as its
+            departure from the newest clean frame (``z - alpha_t x_p``) and estimates that departure
+            (``denoiser.network_estimate``): a forecast starts from persistence, not from the
+            climatological state. A fixed change of variables: the network is still told no levels.
     """
 
     channels: tuple[int, ...] = (64, 128, 256)
@@ -81,6 +85,7 @@ class ModelConfig:
     frames: int = 5
     pole_flip_winds: bool = False
     lat_input: bool = False
+    persistence_anomaly: bool = False
     temporal_mix: bool = False
 
 

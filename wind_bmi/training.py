@@ -218,7 +218,8 @@ def run_training(cfg: TrainConfig, data: str | None = None, out: str | None = No
             band = ZonalBandLimit.fit(splits.train.frames, cfg.band_limit_eps)
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if device == "cuda" else torch.device(device)
         trainer = Trainer(net, sched, settings_from(cfg), batch_fn(splits.train), len(splits.train),
-                          batch_fn(splits.val), len(splits.val), latw, cfg.out, dev, offset, band)
+                          batch_fn(splits.val), len(splits.val), latw, cfg.out, dev, offset, band,
+                          persistence=cfg.model.persistence_anomaly)
         if resume and (Path(cfg.out) / "train_state.json").exists():
             trainer.load_state()
         val = trainer.fit(max_steps=max_steps, max_minutes=max_minutes, progress=progress)
