@@ -65,7 +65,7 @@ def _split_members(total: int, size: int, rank: int) -> int:
 
 
 def _bmi_config(cfg: AssimilationConfig, members: int, seed: int, truth: str, start: str, out: Path) -> Path:
-    d = {"kind": "bmi", "members": members, "seed": seed, "context_frames": 4, "initial_condition": truth,
+    d = {"kind": "bmi", "model": cfg.model, "members": members, "seed": seed, "context_frames": 4, "initial_condition": truth,
          "start_time": start, "sampler": {"steps": cfg.steps, "eta": 1.0},
          "guidance": {"method": "mmps", "cg_iterations": cfg.cg_iterations},
          "observation_error": {"temperature": cfg.obs_error}, "run_hours": 6.0 * cfg.cycles}
@@ -208,7 +208,8 @@ def run_assimilation(cfg: AssimilationConfig, out: str | Path, comm: Any = None)
         raise AssimilationError(f"assimilation stopped at a cycle: {failed}")
     ra, rf, sp, ro, ru = (np.mean(history[k][len(history[k]) // 2:]) for k in (
         "rmse_analysis", "rmse_free", "spread_analysis", "rmse_analysis_observed", "rmse_analysis_unobserved"))
-    summary = {"cycles": cfg.cycles, "ranks": size, "members": cfg.members, "obs_error_K": cfg.obs_error,
+    summary = {"model": comp.model.card.get("name"), "model_sha256": comp.model.card["weights"]["sha256"],
+               "cycles": cfg.cycles, "ranks": size, "members": cfg.members, "obs_error_K": cfg.obs_error,
                "rmse_analysis_K": float(ra), "rmse_free_K": float(rf), "spread_analysis_K": float(sp),
                "rmse_analysis_observed_K": float(ro), "rmse_analysis_unobserved_K": float(ru),
                "ssr": float(sp / ra) if ra > 0 else float("nan"), "history": history,

@@ -46,6 +46,7 @@ def test_two_rank_cycle_and_faults(tmp_path: Path) -> None:
     assert ok.returncode == 0, ok.stderr[-2000:]
     summary = json.loads((tmp_path / "ok" / "summary.json").read_text())
     assert summary["ranks"] == 2 and summary["members"] == 2
+    assert summary["model_sha256"] == json.loads(shipped_card_path().read_text())["weights"]["sha256"]  # the default
     assert summary["history"]["outside_grid_dropped"] == [3] and summary["history"]["duplicates_merged"] == [5]
     assert all(n > 0 for n in summary["history"]["n_obs"])  # rank 0's stream still reaches rank 1's member
     assert summary["rmse_analysis_K"] < summary["rmse_free_K"]
@@ -63,3 +64,7 @@ def test_two_rank_cycle_and_faults(tmp_path: Path) -> None:
     assert bad.returncode != 0 and time.perf_counter() - t0 < 300
     assert "injected update failure on rank 0" in bad.stderr and "window update" in bad.stderr
     assert sorted(p.name for p in (tmp_path / "bad_update").iterdir()) == []
+    # the prior is the config's `model`: a card that is not there stops the run, named, before any cycle
+    bad = _run(tmp_path, "bad_model", model=str(tmp_path / "no_such_card.json"))
+    assert bad.returncode != 0 and "no_such_card.json" in bad.stderr
+    assert not (tmp_path / "bad_model" / "analysis.nc").exists()

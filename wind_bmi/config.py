@@ -248,6 +248,7 @@ class AssimilationConfig:
     """Options of an observing-system simulation (``config/assimilate.yaml``)."""
 
     truth: str = ""  # data of the truth run (default: the shipped sample)
+    model: str = ""  # model card of the prior (default: the shipped prior)
     members: int = 4  # total over all ranks
     cycles: int = 40  # 6-hourly cycles (40 = 10 days)
     obs_fraction: float = 0.03  # fraction of grid cells observed per stream
