@@ -50,9 +50,14 @@ class Prior:
         return None if off is None else torch.tensor(off, dtype=torch.float32)
 
     @property
-    def persistence_anomaly(self) -> bool:
-        """The network was trained on departures from persistence (architecture key; False on older cards)."""
-        return bool(self.card["architecture"].get("persistence_anomaly", False))
+    def persistence_anomaly(self) -> bool | str:
+        """How the network was trained on departures from persistence (``denoiser.network_estimate``):
+        False (older cards too), True (the full shift) or ``"sigma2"`` (architecture keys
+        ``persistence_anomaly`` and ``persistence_weight``)."""
+        arch = self.card["architecture"]
+        if not arch.get("persistence_anomaly", False):
+            return False
+        return "sigma2" if arch.get("persistence_weight", "one") == "sigma2" else True
 
     @property
     def band_limit(self) -> ZonalBandLimit | None:

@@ -42,7 +42,7 @@ def persistence_base(z: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def network_estimate(net: nn.Module, z: Tensor, t: Tensor, schedule: CosineVPSchedule, offset: Tensor | None,
-                     bf16: bool, band_limit: ZonalBandLimit | None = None, persistence: bool = False) -> Tensor:
+                     bf16: bool, band_limit: ZonalBandLimit | None = None, persistence: bool | str = False) -> Tensor:
     """``x_hat`` of the network for ``z: (B, T, C, H, W)`` at levels ``t: (B, T)`` (training and sampling).
 
     With ``offset`` ``(C, H)`` (the latitude offset of the normalisation) the network works in the
@@ -55,6 +55,10 @@ def network_estimate(net: nn.Module, z: Tensor, t: Tensor, schedule: CosineVPSch
     starts from it rather than from the climatological state. Frames with no clean frame before them
     (no context, e.g. downscaling) keep the latitude offset or none. Again a fixed change of
     variables; the network is told neither the levels nor which frames are clean.
+    ``persistence="sigma2"`` centres on ``sigma_t^2 x_p`` instead: persistence at high noise levels,
+    where the new frame is mostly unknown, fading to no shift at low ones, where a departure from
+    persistence (a few hundredths of a std) would be hard for a noise-blind network to tell from the
+    noise (the full shift's sampled windows drift warm by a bias per sampler step).
     With ``band_limit`` the estimate is projected onto the zonal wavenumbers the data occupies
     (:class:`~wind_bmi.model.bandlimit.ZonalBandLimit`).
     """
@@ -62,7 +66,11 @@ def network_estimate(net: nn.Module, z: Tensor, t: Tensor, schedule: CosineVPSch
     if offset is not None:
         shift = offset.to(z.device, z.dtype)[:, :, None].expand(z.shape)
     if persistence:
+        if persistence not in (True, "one", "sigma2"):
+            raise ValueError(f"persistence must be False, True, 'one' or 'sigma2', got {persistence!r}")
         base, has = persistence_base(z, t)
+        if persistence == "sigma2":
+            base = schedule.coefficients(t)[1].to(z.dtype) ** 2 * base
         keep = has[..., None, None, None]
         shift = torch.where(keep, base, torch.zeros_like(z) if shift is None else shift)
     if shift is not None:
@@ -87,12 +95,12 @@ class PriorDenoiser(nn.Module):
             noisy frames are projected onto it, and guidance projects its posterior estimate too
             (:meth:`project`).
         persistence: the prior was trained on departures from persistence (the card's architecture
-            key ``persistence_anomaly``; :func:`network_estimate`).
+            key ``persistence_anomaly``, weighted by ``persistence_weight``; :func:`network_estimate`).
     """
 
     def __init__(self, net: nn.Module, schedule: CosineVPSchedule, bf16: bool = False,
                  offset: Tensor | None = None, band_limit: ZonalBandLimit | None = None,
-                 persistence: bool = False) -> None:
+                 persistence: bool | str = False) -> None:
         super().__init__()
         self.net = net
         self.schedule = schedule

@@ -119,7 +119,7 @@ def sample_levels(B: int, T: int, clean_prefix_prob: float, g: torch.Generator,
 
 def diffusion_loss(net: nn.Module, x: Tensor, t: Tensor, schedule: CosineVPSchedule, latw: Tensor, w_max: float,
                    g: torch.Generator, bf16: bool, offset: Tensor | None = None,
-                   band_limit: ZonalBandLimit | None = None, persistence: bool = False) -> Tensor:
+                   band_limit: ZonalBandLimit | None = None, persistence: bool | str = False) -> Tensor:
     """Weighted x-prediction loss of one batch ``x: (B, T, C, H, W)`` at levels ``t: (B, T)``.
 
     ``offset``: the normalisation's latitude offset ``(C, H)`` (see :func:`network_estimate`) or None;
@@ -138,7 +138,7 @@ def diffusion_loss(net: nn.Module, x: Tensor, t: Tensor, schedule: CosineVPSched
 def validation_losses(net: nn.Module, val_batch: BatchFn, n_val: int, schedule: CosineVPSchedule, latw: Tensor,
                       windows: int, bf16: bool, seed: int = 12345, batch: int = 8,
                       offset: Tensor | None = None, band_limit: ZonalBandLimit | None = None,
-                      persistence: bool = False) -> dict[str, float]:
+                      persistence: bool | str = False) -> dict[str, float]:
     """Latitude-weighted MSE of ``x_hat`` per noise band (all frames at one level per sample), with the
     estimate projected onto ``band_limit`` when given (as the denoiser does).
 
@@ -223,7 +223,7 @@ class Trainer:
     def __init__(self, net: nn.Module, schedule: CosineVPSchedule, settings: TrainSettings, train_batch: BatchFn,
                  n_train: int, val_batch: BatchFn, n_val: int, latw: Tensor, out: str | Path,
                  device: str | torch.device = "cpu", offset: Tensor | None = None,
-                 band_limit: ZonalBandLimit | None = None, persistence: bool = False) -> None:
+                 band_limit: ZonalBandLimit | None = None, persistence: bool | str = False) -> None:
         self.device = torch.device(device)
         self.offset = None if offset is None else offset.to(self.device, torch.float32)
         self.band_limit = band_limit

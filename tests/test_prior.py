@@ -625,7 +625,24 @@ def test_persistence_anomaly_is_a_change_of_variables_that_starts_forecasts_from
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, persistence_anomaly=True))
     card_path = run_training(cfg, data=str(tiny_data), out=str(tmp_path / "pa"), max_steps=2, progress=False)
     assert json.loads(card_path.read_text())["architecture"]["persistence_anomaly"] is True
-    assert WindModel(load_prior(card_path)).denoiser.persistence
+    assert WindModel(load_prior(card_path)).denoiser.persistence is True
+    # the sigma2 weighting: the shift is sigma_t^2 x_p (persistence at t = 1, nothing near t = 0)
+    tw = torch.tensor([[0.0, 1.0, 0.5, 0.05, 0.3]])
+    zw = torch.randn(1, 5, 4, 8, 16, generator=g)
+    est = network_estimate(zero_net, zw, tw, sched, None, False, persistence="sigma2")  # type: ignore[arg-type]
+    s2 = sched.coefficients(tw)[1][0, 1:] ** 2
+    torch.testing.assert_close(est[0, 1:], s2 * zw[0, :1], rtol=1e-6, atol=1e-6)
+    assert float(s2[0]) == pytest.approx(1.0, abs=1e-5) and float(s2[2]) < 0.01
+    with pytest.raises(ValueError, match="persistence must be"):
+        network_estimate(zero_net, zw, tw, sched, None, False, persistence="half")  # type: ignore[arg-type]
+    card = json.loads(card_path.read_text())
+    card["architecture"]["persistence_weight"] = "sigma2"
+    (tmp_path / "pa" / "s2.json").write_text(json.dumps(card))
+    (tmp_path / "pa" / "s2.safetensors").write_bytes(card_path.with_suffix(".safetensors").read_bytes())
+    assert WindModel(load_prior(tmp_path / "pa" / "s2.json")).denoiser.persistence == "sigma2"
+    from wind_bmi.config import ModelConfig
+    with pytest.raises(ValueError, match="persistence_weight"):
+        ModelConfig(persistence_weight="half")
 
 
 def test_sampler_warm_start_from_persistence() -> None:

@@ -73,6 +73,8 @@ class ModelConfig:
             departure from the newest clean frame (``z - alpha_t x_p``) and estimates that departure
             (``denoiser.network_estimate``): a forecast starts from persistence, not from the
             climatological state. A fixed change of variables: the network is still told no levels.
+        persistence_weight: ``one`` (the full departure) or ``sigma2``: the shift is ``sigma_t^2 x_p``,
+            persistence at high noise fading to none at low noise.
     """
 
     channels: tuple[int, ...] = (64, 128, 256)
@@ -87,6 +89,11 @@ class ModelConfig:
     lat_input: bool = False
     persistence_anomaly: bool = False
     temporal_mix: bool = False
+    persistence_weight: str = "one"
+
+    def __post_init__(self) -> None:
+        if self.persistence_weight not in ("one", "sigma2"):
+            raise ValueError(f"model.persistence_weight must be 'one' or 'sigma2', got {self.persistence_weight!r}")
 
 
 @dataclasses.dataclass(frozen=True)
