@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from wind_bmi.model.denoiser import persistence_base
 from wind_bmi.model.schedule import CosineVPSchedule
 
 DenoiseFn = Callable[[Tensor, Tensor], Tensor]
@@ -74,19 +75,19 @@ def ddim_step(schedule: CosineVPSchedule, z: Tensor, x_hat: Tensor, t: Tensor, s
 
 @torch.no_grad()
 def persistence(context: Tensor, context_mask: Tensor) -> Tensor:
-    """Each frame replaced by the newest context frame at or before it (``(B, T, C, H, W)``).
+    """Each generated frame replaced by the newest context frame before it (``(B, T, C, H, W)``;
+    context frames as they are), by :func:`~wind_bmi.model.denoiser.persistence_base`.
 
     Raises ValueError when a generated frame has no context frame before it.
     """
-    cm = context_mask.to(torch.bool).cpu().tolist()
-    src, last = [], -1
-    for f, is_ctx in enumerate(cm):
-        last = f if is_ctx else last
-        if last < 0:
-            raise ValueError(f"start_level < 1 persists the newest context frame, but frame {f} has none before it "
-                             f"(context_mask {cm})")
-        src.append(last)
-    return context[:, src]
+    B, T = context.shape[:2]
+    cm = context_mask.to(torch.bool).cpu()
+    base, has = persistence_base(context, (~cm).to(context.dtype)[None].expand(B, T).to(context.device))
+    missing = [f for f in range(T) if not cm[f] and not bool(has[0, f])]
+    if missing:
+        raise ValueError(f"start_level < 1 persists the newest context frame, but frame {missing[0]} has none "
+                         f"before it (context_mask {cm.tolist()})")
+    return torch.where(cm.to(context.device)[None, :, None, None, None], context, base)
 
 
 @torch.no_grad()
