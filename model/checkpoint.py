@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from wind_bmi.model.bandlimit import ZonalBandLimit
+from wind_bmi.model.denoiser import persistence_mode
 from wind_bmi.model.network import UViT
 from wind_bmi.model.schedule import CosineVPSchedule
 
@@ -51,13 +52,8 @@ class Prior:
 
     @property
     def persistence_anomaly(self) -> bool | str:
-        """How the network was trained on departures from persistence (``denoiser.network_estimate``):
-        False (older cards too), True (the full shift) or ``"sigma2"`` (architecture keys
-        ``persistence_anomaly`` and ``persistence_weight``)."""
-        arch = self.card["architecture"]
-        if not arch.get("persistence_anomaly", False):
-            return False
-        return "sigma2" if arch.get("persistence_weight", "one") == "sigma2" else True
+        """How the network was trained on departures from persistence (``denoiser.persistence_mode``)."""
+        return persistence_mode(self.card["architecture"])
 
     @property
     def band_limit(self) -> ZonalBandLimit | None:

@@ -10,7 +10,8 @@ noisy frame as its departure from the newest clean frame before it (:func:`netwo
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +25,15 @@ class Denoiser(Protocol):
     schedule: CosineVPSchedule
 
     def __call__(self, z: Tensor, t: Tensor) -> Tensor: ...
+
+
+def persistence_mode(architecture: Mapping[str, Any]) -> bool | str:
+    """The ``persistence`` argument of :func:`network_estimate` for an architecture (a card's
+    ``architecture`` or a ``ModelConfig`` as a dict): False (no ``persistence_anomaly``, older cards
+    too), True (the full shift) or ``"sigma2"`` (``persistence_weight: sigma2``)."""
+    if not architecture.get("persistence_anomaly", False):
+        return False
+    return "sigma2" if architecture.get("persistence_weight", "one") == "sigma2" else True
 
 
 def persistence_base(z: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:

@@ -22,6 +22,7 @@ from wind_bmi.config import TrainConfig, to_dict
 from wind_bmi.data.windows import Channel, Normalisation, Splits, WindowDataset, build_splits, load_years
 from wind_bmi.model.bandlimit import ZonalBandLimit
 from wind_bmi.model.checkpoint import Prior, load_prior, save_prior, write_card
+from wind_bmi.model.denoiser import persistence_mode
 from wind_bmi.model.network import UViT, count_parameters
 from wind_bmi.model.physics import latitude_weights
 from wind_bmi.model.schedule import CosineVPSchedule
@@ -146,11 +147,6 @@ def _init_distributed() -> bool:
     return False
 
 
-def _persistence(cfg: TrainConfig) -> bool | str:
-    m = cfg.model
-    return ("sigma2" if m.persistence_weight == "sigma2" else True) if m.persistence_anomaly else False
-
-
 def data_folders(data: str | Path) -> list[Path]:
     """The generator runs (one sub-folder per seed) under ``data``, or ``data`` itself."""
     # folders still empty (being generated) are skipped
@@ -224,7 +220,7 @@ def run_training(cfg: TrainConfig, data: str | None = None, out: str | None = No
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if device == "cuda" else torch.device(device)
         trainer = Trainer(net, sched, settings_from(cfg), batch_fn(splits.train), len(splits.train),
                           batch_fn(splits.val), len(splits.val), latw, cfg.out, dev, offset, band,
-                          persistence=_persistence(cfg))
+                          persistence=persistence_mode(to_dict(cfg.model)))
         if resume and (Path(cfg.out) / "train_state.json").exists():
             trainer.load_state()
         val = trainer.fit(max_steps=max_steps, max_minutes=max_minutes, progress=progress)
