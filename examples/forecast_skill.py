@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="warm start: generated frames start from persistence noised to this level (1: from noise)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    wm = WindModel(load_prior(args.model or shipped_card_path()), "cpu", bf16=True)
+    wm = WindModel(load_prior(args.model or shipped_card_path()), "cpu", bf16=None)
     ds = open_any(args.data or shipped_sample_path())
     need = max(args.starts) + 2
     if min(args.starts) < 3 or ds.sizes["time"] < need:

@@ -93,13 +93,28 @@ def network_estimate(net: nn.Module, z: Tensor, t: Tensor, schedule: CosineVPSch
     return x_hat if band_limit is None else band_limit(x_hat)
 
 
+def fast_bf16(device: str | torch.device) -> bool:
+    """Whether bfloat16 autocast is fast on ``device``: CUDA with bf16 support, or a CPU with AMX
+    tiles or AVX-512 BF16. Elsewhere (e.g. an AVX2-only CPU) torch emulates bf16 matmuls and
+    convolutions, measured ~40x slower than fp32 on a 2-core AMD EPYC (session 13), so the
+    callers that default to bf16 (``bf16=None``) run in fp32 there."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if dev.type != "cpu":
+        return False
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return any(bool(p()) for p in probes if callable(p))
+
+
 class PriorDenoiser(nn.Module):
     """The trained prior as a denoiser.
 
     Args:
         net: the noise-blind UViT (x-prediction).
         schedule: the noise schedule the prior was trained with.
-        bf16: run the network under ``torch.autocast(bfloat16)`` (CPU AMX / GPU tensor cores).
+        bf16: run the network under ``torch.autocast(bfloat16)`` (CPU AMX / GPU tensor cores); None:
+            where it is fast on the network's device (:func:`fast_bf16`).
         offset: the latitude offset ``(C, H)`` the prior was trained with, or None.
         band_limit: the data's zonal band limit (the card's ``band_limit``), or None: estimates of
             noisy frames are projected onto it, and guidance projects its posterior estimate too
@@ -108,12 +123,15 @@ class PriorDenoiser(nn.Module):
             key ``persistence_anomaly``, weighted by ``persistence_weight``; :func:`network_estimate`).
     """
 
-    def __init__(self, net: nn.Module, schedule: CosineVPSchedule, bf16: bool = False,
+    def __init__(self, net: nn.Module, schedule: CosineVPSchedule, bf16: bool | None = False,
                  offset: Tensor | None = None, band_limit: ZonalBandLimit | None = None,
                  persistence: bool | str = False) -> None:
         super().__init__()
         self.net = net
         self.schedule = schedule
+        if bf16 is None:
+            param = next(net.parameters(), None)
+            bf16 = fast_bf16(param.device if param is not None else "cpu")
         self.bf16 = bf16
         self.offset = None if offset is None else offset.float()
         self.band_limit = band_limit

@@ -36,7 +36,8 @@ class WindModel:
     Args:
         prior: loaded prior (network, schedule, card).
         device: torch device for all tensors.
-        bf16: autocast the network to bfloat16.
+        bf16: autocast the network to bfloat16; None: where that is fast on ``device`` (AMX/AVX-512
+            BF16 CPUs, CUDA; :func:`wind_bmi.model.denoiser.fast_bf16`), fp32 elsewhere.
         steps, eta: sampler defaults (reverse steps, DDIM 0 .. DDPM 1).
         start_level: sampler default ``t*``: 1 starts generated frames from noise; below 1, from
             persistence noised to ``t*`` (:mod:`wind_bmi.model.sampler`, warm start).
@@ -45,7 +46,7 @@ class WindModel:
             network's raw estimates, for ablations).
     """
 
-    def __init__(self, prior: Prior, device: str | torch.device = "cpu", bf16: bool = False, steps: int = 32,
+    def __init__(self, prior: Prior, device: str | torch.device = "cpu", bf16: bool | None = False, steps: int = 32,
                  eta: float = 1.0, method: str = "mmps", cg_iterations: int = 1, band_limit: bool = True,
                  start_level: float = 1.0) -> None:
         self.prior = prior

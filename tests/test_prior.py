@@ -671,3 +671,34 @@ def test_sampler_warm_start_from_persistence() -> None:
         sample_window(D, sched, ctx, torch.tensor([False, True, False, False, False]), steps=2, start_level=0.5)
     with pytest.raises(ValueError, match="schedule_kind 'full'"):
         draw(start_level=0.5, schedule_kind="pyramid")
+
+
+def test_bf16_default_follows_the_hardware(tiny_model: Path) -> None:
+    """bf16=None (the BMI's, the report's and the shipped tests' default) autocasts only where the CPU
+    runs bf16 natively; fast_bf16 agrees with torch's own CPU feature probes."""
+    from wind_bmi.model.denoiser import PriorDenoiser, fast_bf16
+
+    native = bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    assert fast_bf16("cpu") is native and fast_bf16(torch.device("meta")) is False
+    prior = load_prior(tiny_model)
+    assert PriorDenoiser(prior.net, prior.schedule, bf16=None).bf16 is native
+    assert PriorDenoiser(prior.net, prior.schedule, bf16=True).bf16 is True  # explicit requests are kept
+
+
+def test_training_without_native_bf16_says_so_and_runs_in_fp32(tiny_data: Path, tiny_config: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    import dataclasses
+
+    import wind_bmi.training as training
+
+    cfg = dataclasses.replace(load_config(tiny_config), bf16=True)
+    monkeypatch.setattr(training, "fast_bf16", lambda device: False)
+    card = json.loads(run_training(cfg, data=str(tiny_data), out=str(tmp_path / "a"), max_steps=2,
+                                   progress=False).read_text())
+    assert "config key 'bf16'" in capsys.readouterr().err and card["training"]["settings"]["bf16"] is False
+    monkeypatch.setattr(training, "fast_bf16", lambda device: True)
+    card = json.loads(run_training(cfg, data=str(tiny_data), out=str(tmp_path / "b"), max_steps=2,
+                                   progress=False).read_text())
+    assert "config key 'bf16'" not in capsys.readouterr().err and card["training"]["settings"]["bf16"] is True
+    assert card["training"]["hardware"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(not shipped_card_path().exists(), reason="no shi
 
 @pytest.fixture(scope="module")
 def wm() -> WindModel:
-    return WindModel(load_prior(), "cpu", bf16=True, steps=16)
+    return WindModel(load_prior(), "cpu", bf16=None, steps=16)
 
 
 @pytest.fixture(scope="module")

@@ -74,7 +74,7 @@ class WindComponent:
             prior = load_prior(cfg.model or None, cfg.device)
         except CheckpointError as exc:
             raise ComponentError(f"config key 'model': {exc}") from exc
-        self.model = WindModel(prior, cfg.device, bf16=cfg.device == "cpu", steps=cfg.sampler.steps,
+        self.model = WindModel(prior, cfg.device, bf16=None, steps=cfg.sampler.steps,
                                eta=cfg.sampler.eta, method=cfg.guidance.method,
                                cg_iterations=cfg.guidance.cg_iterations)
         T = self.model.T

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -22,7 +23,7 @@ from wind_bmi.config import TrainConfig, to_dict
 from wind_bmi.data.windows import Channel, Normalisation, Splits, WindowDataset, build_splits, load_years
 from wind_bmi.model.bandlimit import ZonalBandLimit
 from wind_bmi.model.checkpoint import Prior, load_prior, save_prior, write_card
-from wind_bmi.model.denoiser import persistence_mode
+from wind_bmi.model.denoiser import fast_bf16, persistence_mode
 from wind_bmi.model.network import UViT, count_parameters
 from wind_bmi.model.physics import latitude_weights
 from wind_bmi.model.schedule import CosineVPSchedule
@@ -111,7 +112,7 @@ def make_card(cfg: TrainConfig, splits: Splits, net: UViT, trainer: Trainer, val
     arch["vector_channels"] = list(net.vector_channels)
     training: dict[str, Any] = {
         "steps": trainer.step, "wall_seconds": round(trainer.wall, 1),
-        "settings": to_dict(settings_from(cfg)), "hardware": hardware_description(),
+        "settings": to_dict(trainer.s), "hardware": hardware_description(),
         "windows_train": len(splits.train), "windows_val": len(splits.val),
         "history_tail": trainer.history[-5:]}
     if init is not None:  # fine-tuned: the totals count the prior it started from
@@ -218,7 +219,13 @@ def run_training(cfg: TrainConfig, data: str | None = None, out: str | None = No
         if band is None and cfg.band_limit_eps is not None:
             band = ZonalBandLimit.fit(splits.train.frames, cfg.band_limit_eps)
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if device == "cuda" else torch.device(device)
-        trainer = Trainer(net, sched, settings_from(cfg), batch_fn(splits.train), len(splits.train),
+        settings = settings_from(cfg)
+        if settings.bf16 and not fast_bf16(dev):
+            # emulated bf16 is ~40x slower than fp32 on an AVX2-only CPU: say so and train in fp32
+            print(f"config key 'bf16': {dev} has no native bfloat16 (AMX, AVX-512 BF16 or CUDA); "
+                  "training in fp32", file=sys.stderr)
+            settings = dataclasses.replace(settings, bf16=False)
+        trainer = Trainer(net, sched, settings, batch_fn(splits.train), len(splits.train),
                           batch_fn(splits.val), len(splits.val), latw, cfg.out, dev, offset, band,
                           persistence=persistence_mode(to_dict(cfg.model)))
         if resume and (Path(cfg.out) / "train_state.json").exists():

@@ -58,7 +58,7 @@ class Evaluation:
 
     def __init__(self, data: str | Path, out: str | Path, budget: Budget, model: str | None = None,
                  seed: int = 0, warm_data: str | Path | None = None) -> None:
-        self.wm = WindModel(load_prior(model), "cpu", bf16=True, steps=budget.steps, eta=SamplerConfig().eta)
+        self.wm = WindModel(load_prior(model), "cpu", bf16=None, steps=budget.steps, eta=SamplerConfig().eta)
         self.b = budget
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)

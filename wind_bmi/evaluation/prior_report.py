@@ -84,7 +84,7 @@ def run_prior_report(data: str | Path, out: str | Path, card: str | Path | None 
     prior = load_prior(card_path)
     sampler = SamplerConfig()  # the BMI's default sampler, unless ``steps`` says otherwise
     steps = steps or sampler.steps
-    wm = WindModel(prior, "cpu", bf16=True, steps=steps, eta=sampler.eta, band_limit=band_limit)
+    wm = WindModel(prior, "cpu", bf16=None, steps=steps, eta=sampler.eta, band_limit=band_limit)
     ds = open_any(data)
     phys = stack_channels(ds, [Channel(v, lv) for v, lv in wm.channels])  # (N, C, H, W)
     norm = wm.normalise(torch.from_numpy(phys)).numpy()
