@@ -221,7 +221,7 @@ def run_training(cfg: TrainConfig, data: str | None = None, out: str | None = No
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if device == "cuda" else torch.device(device)
         settings = settings_from(cfg)
         if settings.bf16 and not fast_bf16(dev):
-            # emulated bf16 is ~40x slower than fp32 on an AVX2-only CPU: say so and train in fp32
+            # emulated bf16 is far slower than fp32 (fast_bf16): say so and train in fp32
             print(f"config key 'bf16': {dev} has no native bfloat16 (AMX, AVX-512 BF16 or CUDA); "
                   "training in fp32", file=sys.stderr)
             settings = dataclasses.replace(settings, bf16=False)

@@ -62,7 +62,7 @@ def run_bench(out: str | Path, quick: bool = False, model: str | None = None, st
     peak = recs[0 if fast else 1]["value"]
 
     prior = load_prior(model)
-    wm = WindModel(prior, "cpu", bf16=None, steps=steps)
+    wm = WindModel(prior, "cpu", bf16=fast, steps=steps)
     net = prior.net
     z = torch.randn(1, wm.T, wm.C, wm.H, wm.W)
     with FlopCounterMode(display=False) as fc:
