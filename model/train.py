@@ -244,7 +244,8 @@ class Trainer:
         self.latw = latw.to(self.device, torch.float32)
         self.out = Path(out)
         self.step = 0
-        self.wall = 0.0
+        self.wall = 0.0  # seconds inside train_step (the throughput figure)
+        self.elapsed = 0.0  # seconds inside fit(): steps, checkpoints and validation (the budget figure)
         self.history: list[dict[str, Any]] = []
 
     # -- state ----------------------------------------------------------------
@@ -259,7 +260,7 @@ class Trainer:
         tensors.update({k: v.cpu() for k, v in opt_t.items()})
         tmp = self.out / "train_state.safetensors.tmp"
         save_file(tensors, str(tmp))
-        meta = {"step": self.step, "wall_seconds": self.wall, "optimizer": opt_s, "settings": dataclasses.asdict(self.s),
+        meta = {"step": self.step, "wall_seconds": self.wall, "elapsed_seconds": self.elapsed, "optimizer": opt_s, "settings": dataclasses.asdict(self.s),
                 "history": self.history}
         tmpj = self.out / "train_state.json.tmp"
         tmpj.write_text(json.dumps(meta))
@@ -275,6 +276,7 @@ class Trainer:
         self.opt.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
         self.step = int(meta["step"])
         self.wall = float(meta["wall_seconds"])
+        self.elapsed = float(meta.get("elapsed_seconds", 0.0))
         self.history = list(meta["history"])
 
     # -- loop -----------------------------------------------------------------
@@ -339,6 +341,7 @@ class Trainer:
         val = validation_losses(self.ema, self.val_batch, self.n_val, self.schedule, self.latw, s.val_windows, s.bf16,
                                 offset=self.offset, band_limit=self.band_limit, persistence=self.persistence)
         self.history.append({"step": self.step, "val": val, "wall_seconds": self.wall})
+        self.elapsed += time.perf_counter() - t_start
         self.save_state()
         return val
 

@@ -282,6 +282,11 @@ def test_fine_tuning_starts_from_the_prior_and_keeps_its_normalisation(tiny_mode
     # the totals add this run's wall time to the prior's (rounded to 0.1 s; 3 tiny steps may round to 0)
     assert card3["training"]["total_wall_seconds"] == pytest.approx(
         base["training"]["wall_seconds"] + card3["training"]["wall_seconds"], abs=0.11)
+    # elapsed (steps + checkpoints + validation) is the budget figure: never below the step time
+    assert card3["training"]["elapsed_seconds"] >= card3["training"]["wall_seconds"]
+    assert card3["training"]["elapsed_seconds"] > 0.0
+    assert card3["training"]["total_elapsed_seconds"] == pytest.approx(
+        base["training"]["elapsed_seconds"] + card3["training"]["elapsed_seconds"], abs=0.11)
     w3 = load_file(str(c3.with_suffix(".safetensors")))
     assert not all(torch.equal(w_base[k], w3[k]) for k in w_base)
 

@@ -102,6 +102,7 @@ def _init_record(prior: Prior, path: str) -> dict[str, Any]:
     return {"card": path, "name": prior.card.get("name"), "sha256": prior.card["weights"]["sha256"],
             "steps": tr.get("total_steps", tr.get("steps")),
             "wall_seconds": tr.get("total_wall_seconds", tr.get("wall_seconds")),
+            "elapsed_seconds": tr.get("total_elapsed_seconds", tr.get("elapsed_seconds")),
             "git_commit": prior.card.get("git_commit")}
 
 
@@ -111,7 +112,7 @@ def make_card(cfg: TrainConfig, splits: Splits, net: UViT, trainer: Trainer, val
     arch["in_channels"] = len(splits.channels)
     arch["vector_channels"] = list(net.vector_channels)
     training: dict[str, Any] = {
-        "steps": trainer.step, "wall_seconds": round(trainer.wall, 1),
+        "steps": trainer.step, "wall_seconds": round(trainer.wall, 1), "elapsed_seconds": round(trainer.elapsed, 1),
         "settings": to_dict(trainer.s), "hardware": hardware_description(),
         "windows_train": len(splits.train), "windows_val": len(splits.val),
         "history_tail": trainer.history[-5:]}
@@ -119,6 +120,8 @@ def make_card(cfg: TrainConfig, splits: Splits, net: UViT, trainer: Trainer, val
         training["init_from"] = init
         training["total_steps"] = int(init["steps"] or 0) + trainer.step
         training["total_wall_seconds"] = round(float(init["wall_seconds"] or 0.0) + trainer.wall, 1)
+        if init.get("elapsed_seconds") is not None:
+            training["total_elapsed_seconds"] = round(float(init["elapsed_seconds"]) + trainer.elapsed, 1)
     return {
         "name": Path(cfg.out).name,
         "architecture": arch,
