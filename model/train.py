@@ -260,7 +260,8 @@ class Trainer:
         tensors.update({k: v.cpu() for k, v in opt_t.items()})
         tmp = self.out / "train_state.safetensors.tmp"
         save_file(tensors, str(tmp))
-        meta = {"step": self.step, "wall_seconds": self.wall, "elapsed_seconds": self.elapsed, "optimizer": opt_s, "settings": dataclasses.asdict(self.s),
+        meta = {"step": self.step, "wall_seconds": self.wall, "elapsed_seconds": self.elapsed, "optimizer": opt_s,
+                "settings": dataclasses.asdict(self.s),
                 "history": self.history}
         tmpj = self.out / "train_state.json.tmp"
         tmpj.write_text(json.dumps(meta))
