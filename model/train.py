@@ -246,6 +246,7 @@ class Trainer:
         self.step = 0
         self.wall = 0.0  # seconds inside train_step (the throughput figure)
         self.elapsed = 0.0  # seconds inside fit(): steps, checkpoints and validation (the budget figure)
+        self._fit_start: float | None = None  # a checkpoint inside fit() counts the running call's time too
         self.history: list[dict[str, Any]] = []
 
     # -- state ----------------------------------------------------------------
@@ -260,7 +261,9 @@ class Trainer:
         tensors.update({k: v.cpu() for k, v in opt_t.items()})
         tmp = self.out / "train_state.safetensors.tmp"
         save_file(tensors, str(tmp))
-        meta = {"step": self.step, "wall_seconds": self.wall, "elapsed_seconds": self.elapsed, "optimizer": opt_s,
+        running = 0.0 if self._fit_start is None else time.perf_counter() - self._fit_start
+        meta = {"step": self.step, "wall_seconds": self.wall, "elapsed_seconds": self.elapsed + running,
+                "optimizer": opt_s,
                 "settings": dataclasses.asdict(self.s),
                 "history": self.history}
         tmpj = self.out / "train_state.json.tmp"
@@ -315,6 +318,7 @@ class Trainer:
         stop = s.steps if max_steps is None else min(s.steps, max_steps)
         log_every = log_every or max(1, min(50, s.steps // 10))
         t_start = time.perf_counter()
+        self._fit_start = t_start
         last_ckpt = t_start
         bar = tqdm(total=stop, initial=self.step, disable=not progress or self.rank != 0, desc="train", unit="step")
         running, n_run, t_log = 0.0, 0, time.perf_counter()
@@ -343,6 +347,7 @@ class Trainer:
                                 offset=self.offset, band_limit=self.band_limit, persistence=self.persistence)
         self.history.append({"step": self.step, "val": val, "wall_seconds": self.wall})
         self.elapsed += time.perf_counter() - t_start
+        self._fit_start = None
         self.save_state()
         return val
 
