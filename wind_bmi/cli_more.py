@@ -131,7 +131,7 @@ def cmd_report_prior(args: argparse.Namespace) -> int:
 
     rep = run_prior_report(args.data, args.out, card=args.model, rollout_days=args.days, steps=args.steps,
                            history=args.history, update_card=not args.no_card, rollout_members=args.members,
-                           band_limit=not args.no_band_limit)
+                           rollout_seed=args.seed, band_limit=not args.no_band_limit)
     print(json.dumps({k: v for k, v in rep.items() if k != "unconditional_stats"}, indent=1))
     return 0
 
@@ -172,6 +172,7 @@ def add_commands(sub: Any) -> None:
     rp.add_argument("--model", help="model card (default: the shipped prior)")
     rp.add_argument("--days", type=float, default=60.0, help="length of the unguided rollout")
     rp.add_argument("--members", type=int, default=4, help="independent rollout members (batched)")
+    rp.add_argument("--seed", type=int, default=1, help="seed of the rollout members' generator")
     rp.add_argument("--steps", type=int, help="sampler steps (default: the BMI's, DDIM)")
     rp.add_argument("--history", help="train_state.json with the training history")
     rp.add_argument("--no-card", action="store_true", help="do not write the report into the card")

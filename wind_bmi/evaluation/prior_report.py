@@ -74,7 +74,7 @@ def context_use(denoise: Any, schedule: Any, windows: torch.Tensor, t: float,
 
 def run_prior_report(data: str | Path, out: str | Path, card: str | Path | None = None, samples: int = 8,
                      rollout_days: float = 60.0, steps: int | None = None, history: str | Path | None = None,
-                     rollout_members: int = 4,
+                     rollout_members: int = 4, rollout_seed: int = 1,
                      update_card: bool = True, band_limit: bool = True) -> dict[str, Any]:
     if rollout_members < 1:
         raise ValueError(f"rollout_members must be >= 1, got {rollout_members}")
@@ -146,7 +146,7 @@ def run_prior_report(data: str | Path, out: str | Path, card: str | Path | None 
 
     # members as the batch: one long rollout scatters by a few tenths of a kelvin, so several are drawn
     roll = wm.rollout(torch.from_numpy(phys[0]), rollout_days, rollout_members,
-                      torch.Generator().manual_seed(1)).numpy()  # (M, n, C, H, W)
+                      torch.Generator().manual_seed(rollout_seed)).numpy()  # (M, n, C, H, W)
     tch = wm.channels_of("temperature")
     gm = (roll[:, :, tch] * w).mean(axis=(2, 3, 4))  # (M, n)
     gm0 = float((phys[0, tch] * w).mean())
