@@ -67,7 +67,7 @@ def _split_members(total: int, size: int, rank: int) -> int:
 def _bmi_config(cfg: AssimilationConfig, members: int, seed: int, truth: str, start: str, out: Path) -> Path:
     d = {"kind": "bmi", "model": cfg.model, "members": members, "seed": seed, "context_frames": 4, "initial_condition": truth,
          "start_time": start, "sampler": {"steps": cfg.steps, "eta": 1.0},
-         "guidance": {"method": "mmps", "cg_iterations": cfg.cg_iterations},
+         "guidance": {"method": "mmps", "cg_iterations": cfg.cg_iterations, "gamma_max": cfg.gamma_max},
          "observation_error": {"temperature": cfg.obs_error}, "run_hours": 6.0 * cfg.cycles}
     path = out / f".bmi_rank_config_{seed}.yaml"
     path.write_text(yaml.safe_dump(d))

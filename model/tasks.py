@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from wind_bmi.model.checkpoint import Prior
 from wind_bmi.model.denoiser import PriorDenoiser
-from wind_bmi.model.guidance import guided
+from wind_bmi.model.guidance import GAMMA_MAX, guided
 from wind_bmi.model.operators import (
     AreaMeanOperator,
     AveragePoolOperator,
@@ -42,13 +42,15 @@ class WindModel:
         start_level: sampler default ``t*``: 1 starts generated frames from noise; below 1, from
             persistence noised to ``t*`` (:mod:`wind_bmi.model.sampler`, warm start).
         method, cg_iterations: guidance defaults (``mmps`` | ``dps``).
+        gamma_max: guidance default: frames noisier than ``Gamma = sigma^2 / alpha > gamma_max`` take
+            the prior's estimate unguided (:data:`wind_bmi.model.guidance.GAMMA_MAX`; None guides all).
         band_limit: project estimates onto the card's zonal band limit when it has one (False: the
             network's raw estimates, for ablations).
     """
 
     def __init__(self, prior: Prior, device: str | torch.device = "cpu", bf16: bool | None = False, steps: int = 32,
                  eta: float = 1.0, method: str = "mmps", cg_iterations: int = 1, band_limit: bool = True,
-                 start_level: float = 1.0) -> None:
+                 start_level: float = 1.0, gamma_max: float | None = GAMMA_MAX) -> None:
         self.prior = prior
         self.device = torch.device(device)
         prior.net.to(self.device)
@@ -68,6 +70,9 @@ class WindModel:
         self.H, self.W = self.lat.numel(), self.lon.numel()
         self.levels = [float(v) for v in card.get("levels", [])]
         self.steps, self.eta, self.method, self.cg_iterations = steps, eta, method, cg_iterations
+        if gamma_max is not None and not gamma_max > 0:
+            raise ValueError(f"gamma_max must be positive or None, got {gamma_max}")
+        self.gamma_max = gamma_max
         if not 0.0 < start_level <= 1.0:
             raise ValueError(f"start_level must be in (0, 1], got {start_level}")
         self.start_level = start_level
@@ -128,7 +133,8 @@ class WindModel:
         if observations:
             obs = observations[0] if len(observations) == 1 else \
                 CompositeOperator(observations).observation(context.shape[0], context)
-            fn = guided(method or self.method, self.denoiser, obs, cg_iterations or self.cg_iterations)
+            fn = guided(method or self.method, self.denoiser, obs, cg_iterations or self.cg_iterations,
+                        gamma_max=self.gamma_max)
         return sample_window(self.denoiser, self.schedule, context.to(self.device), context_mask,
                              steps=steps or self.steps, eta=self.eta if eta is None else eta,
                              generator=generator, guided=fn,

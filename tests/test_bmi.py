@@ -209,7 +209,8 @@ def test_bad_inputs_raise_clear_errors_and_leave_state_unchanged(bmi_config: Pat
     for key, value, match in (("model", str(tmp_path / "none.json"), "model"),
                               ("initial_condition", str(tmp_path / "none.nc"), "initial_condition"),
                               ("start_time", "1999-01-01", "start_time"),
-                              ("context_frames", 5, "context_frames")):
+                              ("context_frames", 5, "context_frames"),
+                              ("guidance", {"method": "mmps", "gamma_max": 0.0}, "guidance.gamma_max")):
         bad_cfg = tmp_path / f"bad_{key}.yaml"
         bad_cfg.write_text(yaml.safe_dump({**d, key: value}))
         with pytest.raises(ConfigError, match=match):

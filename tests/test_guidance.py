@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from wind_bmi.model.denoiser import GaussianDenoiser
-from wind_bmi.model.guidance import DPSDenoiser, MMPSDenoiser, conjugate_gradient, conjugate_gradient_image
+from wind_bmi.model.guidance import GAMMA_MAX, DPSDenoiser, MMPSDenoiser, _gamma, conjugate_gradient, conjugate_gradient_image
 from wind_bmi.model.operators import MaskOperator, Observation
 from wind_bmi.model.schedule import CosineVPSchedule
 
@@ -70,6 +71,32 @@ def test_mmps_one_iteration_reduces_residual_and_keeps_clean_frames():
     assert torch.equal(out[:, 0], x_prior[:, 0])
     assert torch.allclose(out[:, 0], z[:, 0], atol=1e-10)
     assert not torch.allclose(out[:, 1:], x_prior[:, 1:])
+
+
+def test_frames_noisier_than_gamma_max_keep_the_prior_estimate():
+    # frame 2 at t = 1 (Gamma = sigma^2 / alpha ~ 1000): its estimate is the prior's, frame 1's is guided
+    sched, mu, cov, D, t, z, A, A_mat, y, var_y = setup(t_frames=(0.0, 0.6, 1.0), n_obs=8)
+    gam = _gamma(D, t)[0, :, 0, 0, 0]
+    assert gam[1] < GAMMA_MAX < gam[2]
+    obs = Observation(A, y[None], var_y)
+    x_prior = D(z, t)
+    for method in (MMPSDenoiser(D, obs, cg_iterations=3), DPSDenoiser(D, obs, scale=0.1)):
+        out = method(z, t)
+        assert torch.equal(out[:, 2], x_prior[:, 2])
+        assert not torch.allclose(out[:, 1], x_prior[:, 1])
+    # gamma_max=None guides every frame (the setting whose t = 1 steps diverged on the shipped prior)
+    assert not torch.allclose(MMPSDenoiser(D, obs, 3, gamma_max=None)(z, t)[:, 2], x_prior[:, 2])
+    # nothing to guide at this level: the prior's estimate, without a CG solve
+    t_all = torch.tensor([[0.0, 1.0, 1.0]], dtype=torch.float64)
+    assert torch.equal(MMPSDenoiser(D, obs, 3)(z, t_all), D(z, t_all))
+    with pytest.raises(ValueError, match="gamma_max"):
+        MMPSDenoiser(D, obs, 3, gamma_max=0.0)
+
+
+def test_guidance_config_default_is_the_library_default():
+    from wind_bmi.config import AssimilationConfig, GuidanceConfig
+
+    assert GuidanceConfig().gamma_max == AssimilationConfig().gamma_max == GAMMA_MAX
 
 
 def test_dps_moves_towards_observations():

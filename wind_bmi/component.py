@@ -69,6 +69,9 @@ class WindComponent:
             raise ComponentError(f"members must be >= 1, got {cfg.members}")
         if cfg.guidance.method not in ("mmps", "dps"):
             raise ComponentError(f"guidance.method must be 'mmps' or 'dps', got {cfg.guidance.method!r}")
+        if cfg.guidance.gamma_max is not None and not cfg.guidance.gamma_max > 0:
+            raise ComponentError(f"config key 'guidance.gamma_max': expected a positive number or null, "
+                                 f"got {cfg.guidance.gamma_max}")
         self.cfg = cfg
         try:
             prior = load_prior(cfg.model or None, cfg.device)
@@ -76,7 +79,7 @@ class WindComponent:
             raise ComponentError(f"config key 'model': {exc}") from exc
         self.model = WindModel(prior, cfg.device, bf16=None, steps=cfg.sampler.steps,
                                eta=cfg.sampler.eta, method=cfg.guidance.method,
-                               cg_iterations=cfg.guidance.cg_iterations)
+                               cg_iterations=cfg.guidance.cg_iterations, gamma_max=cfg.guidance.gamma_max)
         T = self.model.T
         if not 1 <= cfg.context_frames < T:
             raise ComponentError(f"config key 'context_frames': expected 1..{T - 1}, got {cfg.context_frames}")

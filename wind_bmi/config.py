@@ -178,11 +178,14 @@ class SamplerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class GuidanceConfig:
-    """Posterior guidance method (``mmps`` or ``dps``) and CG iterations."""
+    """Posterior guidance method (``mmps`` or ``dps``), CG iterations, and ``gamma_max``: frames noisier
+    than ``Gamma = sigma^2 / alpha > gamma_max`` take the prior's estimate unguided (null guides every
+    frame; the default is ``wind_bmi.model.guidance.GAMMA_MAX``)."""
 
     method: str = "mmps"
     cg_iterations: int = 1
     dps_scale: float = 1.0
+    gamma_max: float | None = 10.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,6 +265,7 @@ class AssimilationConfig:
     obs_error: float = 0.5  # K, temperature observation error
     steps: int = 16
     cg_iterations: int = 1
+    gamma_max: float | None = 10.0  # GuidanceConfig.gamma_max
     seed: int = 0
     moving: bool = False  # stations move every cycle
     level_index: int = -1  # -1: all levels observed at the station cells
