@@ -39,7 +39,7 @@ def test_run_writes_cf_netcdf_and_quicklook(fast_config: Path, tmp_path: Path) -
     assert (tmp_path / "quicklook.png").stat().st_size > 10_000
 
 
-def test_evaluate_all_quick_records(tmp_path: Path) -> None:
+def test_evaluate_all_quick_records(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
     # a stand-in "GCM at SST + 2 K": the sample 2 K warmer with 14 % more precipitation (known answer 7 %/K)
     with xr.open_dataset(shipped_sample_path()) as ds:
@@ -75,6 +75,21 @@ def test_evaluate_all_quick_records(tmp_path: Path) -> None:
     # the T21 GCM started from the truncated truth: a real forecast, better than climatology at 24 h
     t21 = value("gcm_t21", "rmse", "temperature", 24.0)
     assert t21 < value("climatology", "rmse", "temperature", 24.0)
+
+    # re-running one task into the report replaces that task's records and keeps the others
+    assert main(["evaluate", "temporal", "--data", str(shipped_sample_path()), "--out", str(out), "--quick",
+                 "--seed", "5"]) == 0
+    again = json.loads((out / "metrics.json").read_text())
+    assert [r for r in again if r["task"] != "temporal"] == [r for r in recs if r["task"] != "temporal"]
+    old_t, new_t = ([r for r in rs if r["task"] == "temporal"] for rs in (recs, again))
+    assert len(new_t) == len(old_t) and new_t != old_t  # another seed: new values, one record per key
+    report = (out / "report.md").read_text()
+    assert report.count("warming storm case:") == 1  # the other tasks' notes are kept, once
+    assert report.count("| temporal |") == len(new_t)
+    (out / "metrics.json").write_text("not json")
+    assert main(["evaluate", "temporal", "--data", str(shipped_sample_path()), "--out", str(out), "--quick"]) == 2
+    assert "metrics.json: not a wind-bmi metrics file" in capsys.readouterr().err
+    assert (out / "metrics.json").read_text() == "not json"  # left as it was
 
 
 def test_records_of_several_windows_are_averaged_into_one() -> None:

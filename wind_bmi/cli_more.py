@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -87,8 +88,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from wind_bmi.evaluation.experiments import run_evaluation
 
-    path = run_evaluation(args.task, args.data, args.out, quick=args.quick, model=args.model, seed=args.seed,
-                          warm_data=args.warm_data)
+    try:
+        path = run_evaluation(args.task, args.data, args.out, quick=args.quick, model=args.model, seed=args.seed,
+                              warm_data=args.warm_data)
+    except ValueError as exc:  # bad task, data or --out report (CheckpointError included)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"wrote {path} and {path.parent / 'report.md'}")
     return 0
 

@@ -435,16 +435,43 @@ def kriging(obs: np.ndarray, lat: np.ndarray, lon: np.ndarray, length_km: float 
 
 def run_evaluation(task: str, data: str | Path, out: str | Path, quick: bool = False, model: str | None = None,
                    seed: int = 0, warm_data: str | Path | None = None) -> Path:
-    """Run one task (or ``all``) and write ``metrics.json``, ``report.md`` and figures into ``out``."""
+    """Run one task (or ``all``) and write ``metrics.json``, ``report.md`` and figures into ``out``.
+
+    One task run into a directory that holds a report already replaces that task's records and keeps
+    the other tasks' (re-running one experiment does not lose the rest of a committed report).
+    """
     tasks = TASKS if task == "all" else (task,)
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"TASK must be one of {TASKS + ('all',)}, got {task!r}")
+    kept: list[dict[str, Any]] = []
+    kept_notes: list[str] = []
+    existing = Path(out) / "metrics.json"
+    if task != "all" and existing.exists():
+        try:
+            old = json.loads(existing.read_text())
+            kept = [r for r in old if r["task"] not in tasks]
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ValueError(f"{existing}: not a wind-bmi metrics file ({exc}); choose another --out") from exc
+        kept_notes = [n for n in _report_notes(Path(out) / "report.md") if n.split()[0] not in tasks]
     ev = Evaluation(data, out, QUICK if quick else FULL, model, seed, warm_data)
     t0 = time.perf_counter()
     for t in tasks:
         getattr(ev, t)()
         print(f"{t}: done ({time.perf_counter() - t0:.0f} s)", flush=True)
     ev.skill_figure()
-    ev.write()
+    write_report(kept + merge_records(ev.records), kept_notes + [n for n in ev.notes if n not in kept_notes], ev.out)
     return Path(out) / "metrics.json"
+
+
+def _report_notes(path: Path) -> list[str]:
+    """The notes (``- ...`` lines above the table) of a ``report.md`` written by :func:`write_report`."""
+    if not path.exists():
+        return []
+    notes = []
+    for line in path.read_text().splitlines():
+        if line.startswith("|"):
+            break
+        if line.startswith("- "):
+            notes.append(line[2:])
+    return notes
