@@ -124,7 +124,7 @@ class MMPSDenoiser:
         self.schedule = denoiser.schedule
         self.obs = observation
         self.cg_iterations = cg_iterations
-        self.gamma_max = _check_gamma_max(gamma_max)
+        self.gamma_max = check_gamma_max(gamma_max)
 
     def __call__(self, z: Tensor, t: Tensor) -> Tensor:
         gamma = _gamma(self.denoiser, t, self.gamma_max).to(z.dtype)
@@ -172,7 +172,7 @@ class DPSDenoiser:
         self.schedule = denoiser.schedule
         self.obs = observation
         self.scale = scale
-        self.gamma_max = _check_gamma_max(gamma_max)
+        self.gamma_max = check_gamma_max(gamma_max)
 
     def __call__(self, z: Tensor, t: Tensor) -> Tensor:
         gamma = _gamma(self.denoiser, t, self.gamma_max).to(z.dtype)
@@ -188,7 +188,8 @@ class DPSDenoiser:
         return _project(self.denoiser, (x_hat.detach() - self.scale * gamma * grad).detach(), t)
 
 
-def _check_gamma_max(gamma_max: float | None) -> float | None:
+def check_gamma_max(gamma_max: float | None) -> float | None:
+    """``gamma_max`` as given, if positive or None; otherwise ValueError naming it."""
     if gamma_max is not None and not gamma_max > 0:
         raise ValueError(f"gamma_max must be positive or None, got {gamma_max}")
     return gamma_max

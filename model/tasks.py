@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from wind_bmi.model.checkpoint import Prior
 from wind_bmi.model.denoiser import PriorDenoiser
-from wind_bmi.model.guidance import GAMMA_MAX, guided
+from wind_bmi.model.guidance import GAMMA_MAX, check_gamma_max, guided
 from wind_bmi.model.operators import (
     AreaMeanOperator,
     AveragePoolOperator,
@@ -70,9 +70,7 @@ class WindModel:
         self.H, self.W = self.lat.numel(), self.lon.numel()
         self.levels = [float(v) for v in card.get("levels", [])]
         self.steps, self.eta, self.method, self.cg_iterations = steps, eta, method, cg_iterations
-        if gamma_max is not None and not gamma_max > 0:
-            raise ValueError(f"gamma_max must be positive or None, got {gamma_max}")
-        self.gamma_max = gamma_max
+        self.gamma_max = check_gamma_max(gamma_max)
         if not 0.0 < start_level <= 1.0:
             raise ValueError(f"start_level must be in (0, 1], got {start_level}")
         self.start_level = start_level
