@@ -144,3 +144,36 @@ def test_forecast_skill_example_scores_against_an_independent_persistence() -> N
     wt = w[tropics] / w[tropics].mean()
     assert out["bands"]["-30..30"]["persistence_6h_K"] == pytest.approx(
         float(np.sqrt((d[:, :, tropics] ** 2 * wt[:, None]).mean())), rel=1e-5)
+
+
+def test_forecast_skill_denoise_levels_scores_the_noise_it_added() -> None:
+    """``--denoise-levels``: the rescaled noisy input is off by exactly the noise drawn (sigma/alpha
+    times each channel's std), persistence is the independent difference of frames, and the
+    network's estimate is far better at a low level than at full noise."""
+    import torch
+    from wind_bmi.model.checkpoint import load_prior
+    from wind_bmi.model.schedule import CosineVPSchedule
+
+    from wind_bmi.data.layouts import open_any
+
+    run = runpy.run_path(str(ROOT / "examples" / "forecast_skill.py"), run_name="not_main")["main"]
+    out = run(["--starts", "3", "4", "--denoise-levels", "0.02", "0.3", "1"])
+    card = load_prior(shipped_card_path()).card
+    ds = open_any(shipped_sample_path())
+    lev = [float(v) for v in card["levels"]]
+    std = np.array([card["normalisation"]["std"][i] for i, ch in enumerate(card["channels"])
+                    if ch["variable"] == "temperature"])
+    assert std.size == len(lev)
+    sched = CosineVPSchedule()
+    for key in ("0.02", "0.3"):
+        a = float(sched.alpha(torch.tensor(float(key))))
+        s = float(sched.sigma(torch.tensor(float(key))))
+        expected = s / a * float(np.sqrt(np.mean(std**2)))
+        assert out["levels"][key]["noisy_input_K"] == pytest.approx(expected, rel=0.03)
+    t = ds["temperature"].transpose("time", "level", "lat", "lon").values.astype(np.float64)
+    w = np.cos(np.deg2rad(ds["lat"].values))
+    w = w / w.mean()
+    d = np.stack([t[4] - t[3], t[5] - t[4]])
+    assert out["levels"]["1"]["persistence_K"] == pytest.approx(float(np.sqrt((d**2 * w[:, None]).mean())), rel=1e-5)
+    assert out["levels"]["0.02"]["network_K"] < 0.5 * out["levels"]["1"]["network_K"]
+    assert 0.0 <= out["levels"]["1"]["lambda_star"] <= 1.0
