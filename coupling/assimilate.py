@@ -3,9 +3,10 @@
 Each rank runs a :class:`~wind_bmi.WindBmi` holding its share of the ensemble. Every cycle:
 
 1. each rank draws the observations of its own stream (station-like cells, noisy, valid at the
-   end of the next window) from the truth run;
-2. the observations (flat indices, values, errors) are all-gathered; duplicates of one cell are
-   merged (precision-weighted mean), cells outside the grid are dropped and counted;
+   end of the next window) from the truth run: temperature, and with ``extra_observations`` other
+   variables at the same cells (radiosonde-like: winds, surface pressure...);
+2. the observations (flat indices, values, errors per variable) are all-gathered; duplicates of one
+   cell are merged (precision-weighted mean), cells outside the grid are dropped and counted;
 3. every rank feeds them to its members through ``set_value_at_indices`` and ``update()`` runs one
    MMPS-guided window; a free-running ensemble advances beside it for comparison; the ranks then
    all-gather whether their windows succeeded, so a rank whose window fails (e.g. NaN) stops every
@@ -28,9 +29,11 @@ import numpy as np
 import xarray as xr
 import yaml
 
-from wind_bmi.config import AssimilationConfig, load_config
+from wind_bmi.bmi import VARIABLE_TABLE, _twin
+from wind_bmi.config import AssimilationConfig, ConfigError, load_config
 from wind_bmi.data.layouts import open_any
 from wind_bmi.data.windows import Channel, stack_channels
+from wind_bmi.variables import VARIABLES
 
 OBS_NAME = "atmosphere_air__observed_temperature"
 STATE_NAME = "atmosphere_air__temperature"
@@ -64,11 +67,29 @@ def _split_members(total: int, size: int, rank: int) -> int:
     return total // size + (1 if rank < total % size else 0)
 
 
+def observed_variables(cfg: AssimilationConfig) -> dict[str, float]:
+    """Observed variable -> observation error (physical units): temperature first, then the extras.
+
+    Raises ConfigError naming the key when an extra is not a state variable or its error is not positive.
+    """
+    from wind_bmi.component import STATE_VARIABLES
+
+    out = {"temperature": cfg.obs_error}
+    for var, err in cfg.extra_observations.items():
+        if var not in STATE_VARIABLES or var == "temperature":
+            raise ConfigError(f"extra_observations.{var}: expected one of "
+                              f"{[v for v in STATE_VARIABLES if v != 'temperature']}")
+        if not err > 0:
+            raise ConfigError(f"extra_observations.{var}: the observation error must be > 0, got {err}")
+        out[var] = float(err)
+    return out
+
+
 def _bmi_config(cfg: AssimilationConfig, members: int, seed: int, truth: str, start: str, out: Path) -> Path:
     d = {"kind": "bmi", "model": cfg.model, "members": members, "seed": seed, "context_frames": 4, "initial_condition": truth,
          "start_time": start, "sampler": {"steps": cfg.steps, "eta": 1.0},
          "guidance": {"method": "mmps", "cg_iterations": cfg.cg_iterations, "gamma_max": cfg.gamma_max},
-         "observation_error": {"temperature": cfg.obs_error}, "run_hours": 6.0 * cfg.cycles}
+         "observation_error": observed_variables(cfg), "run_hours": 6.0 * cfg.cycles}
     path = out / f".bmi_rank_config_{seed}.yaml"
     path.write_text(yaml.safe_dump(d))
     return path
@@ -125,6 +146,13 @@ def run_assimilation(cfg: AssimilationConfig, out: str | Path, comm: Any = None)
     stations = rng.choice(H * W, size=max(1, int(cfg.obs_fraction * H * W)), replace=False)
     lat_w = np.cos(np.deg2rad(comp.model.lat.numpy()))[None, :, None] * np.ones((K, H, W))
     lat_w = (lat_w / lat_w.mean()).reshape(-1)
+    observed = observed_variables(cfg)
+    extras = [v for v in observed if v != "temperature"]
+    # scored beside temperature, observed or not: the winds and surface pressure (and any other extra)
+    scored = list(dict.fromkeys(["u_wind", "v_wind", "surface_pressure", *extras]))
+    scored = [v for v in scored if any(c == v for c, _ in comp.model.channels)]
+    ext_channels = {v: [Channel(c, lv) for c, lv in comp.model.channels if c == v] for v in scored}
+    ext_size = {v: len(ext_channels[v]) * H * W for v in scored}
     history: dict[str, list[float]] = {"rmse_analysis": [], "rmse_free": [], "spread_analysis": [], "n_obs": [],
                                        "rmse_analysis_observed": [], "rmse_analysis_unobserved": []}
     mean_frames, spread_frames, out_times = [], [], []
@@ -153,21 +181,38 @@ def run_assimilation(cfg: AssimilationConfig, out: str | Path, comm: Any = None)
                 idx = np.concatenate([idx, n + np.arange(cfg.outside_grid)])
                 vals = np.concatenate([vals, np.zeros(cfg.outside_grid)])
                 errs = np.concatenate([errs, np.ones(cfg.outside_grid)])
+            streams = {"temperature": (idx, vals, errs)}
+            for name in extras:  # the same cells (all the variable's levels, or the one observed level)
+                tv = stack_channels(ds.isel(time=[times.index(valid)]), ext_channels[name]).reshape(-1)
+                nk = len(ext_channels[name])
+                if nk == 1:
+                    vi = cells
+                elif cfg.level_index >= 0:
+                    vi = cfg.level_index * H * W + cells
+                else:
+                    vi = (np.arange(nk)[:, None] * H * W + cells[None, :]).reshape(-1)
+                scale = VARIABLE_TABLE[VARIABLES[name].csdms].scale  # project -> BMI units
+                streams[name] = (vi, (tv[vi] + rng.normal(0.0, observed[name], vi.size)) * scale,
+                                 np.full(vi.size, observed[name] * scale))
             if rank == cfg.silent_rank:
-                idx, vals, errs = idx[:0], vals[:0], errs[:0]
-            mine: tuple[np.ndarray, np.ndarray, np.ndarray] | str = (idx, vals, errs)
+                streams = {k: (a[:0], b[:0], c[:0]) for k, (a, b, c) in streams.items()}
+            mine: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | str = streams
         except Exception as exc:  # noqa: BLE001 - any failure must reach every rank
             mine = f"rank {rank}: {type(exc).__name__}: {exc}"
         gathered = comm.allgather(mine)
         failed = _failures(gathered)
         if failed:
             break
-        g_idx, g_val, g_err, n_dup, n_out = merge_observations([g for g in gathered if not isinstance(g, str)], n)
+        parts = [g for g in gathered if not isinstance(g, str)]
+        g_idx, g_val, g_err, n_dup, n_out = merge_observations([g["temperature"] for g in parts], n)
+        merged_extra = {name: merge_observations([g[name] for g in parts], ext_size[name]) for name in extras}
         # the observation error is per variable in the component: use the merged values at the stream error
         try:
             if cycle == 1 and rank == cfg.fail_update_rank:
                 raise RuntimeError(f"injected update failure on rank {rank}")
             da.set_value_at_indices(OBS_NAME, g_idx, g_val)
+            for name, (e_idx, e_val, *_) in merged_extra.items():
+                da.set_value_at_indices(_twin(VARIABLES[name].csdms, "observed"), e_idx, e_val)
             da.update()
             free.update()
             status: str | None = None
@@ -190,6 +235,19 @@ def run_assimilation(cfg: AssimilationConfig, out: str | Path, comm: Any = None)
         history["rmse_analysis_observed"].append(weighted_rms((mean - truth)[seen], lat_w[seen]))
         history["rmse_analysis_unobserved"].append(weighted_rms((mean - truth)[~seen], lat_w[~seen]))
         history["n_obs"].append(int(g_idx.size))
+        for name in scored:  # the analysis of the other variables (BMI units) against their truth
+            nv = ext_size[name]
+            out_name = VARIABLES[name].csdms + "_ensemble_members"
+            em = da.get_value(out_name, np.empty(my_members * nv)).reshape(my_members, nv)
+            ef = free.get_value(out_name, np.empty(my_members * nv)).reshape(my_members, nv)
+            e1, _, ef1, ecnt = _reduce(comm, em, ef)
+            tv = stack_channels(ds.isel(time=[times.index(valid)]), ext_channels[name]).reshape(-1)
+            tv = tv * VARIABLE_TABLE[VARIABLES[name].csdms].scale
+            history.setdefault(f"rmse_analysis_{name}", []).append(weighted_rms(e1 / ecnt - tv, lat_w[:nv]))
+            history.setdefault(f"rmse_free_{name}", []).append(weighted_rms(ef1 / ecnt - tv, lat_w[:nv]))
+            if name in merged_extra and merged_extra[name][0].size:  # where it is observed
+                at = merged_extra[name][0]
+                history.setdefault(f"rmse_observed_{name}", []).append(weighted_rms((e1 / ecnt - tv)[at], lat_w[at]))
         if cycle == 0:
             history["duplicates_merged"] = [n_dup]
             history["outside_grid_dropped"] = [n_out]
@@ -210,9 +268,14 @@ def run_assimilation(cfg: AssimilationConfig, out: str | Path, comm: Any = None)
         "rmse_analysis", "rmse_free", "spread_analysis", "rmse_analysis_observed", "rmse_analysis_unobserved"))
     summary = {"model": comp.model.card.get("name"), "model_sha256": comp.model.card["weights"]["sha256"],
                "cycles": cfg.cycles, "ranks": size, "members": cfg.members, "obs_error_K": cfg.obs_error,
+               "observed_variables": observed,
                "rmse_analysis_K": float(ra), "rmse_free_K": float(rf), "spread_analysis_K": float(sp),
                "rmse_analysis_observed_K": float(ro), "rmse_analysis_unobserved_K": float(ru),
-               "ssr": float(sp / ra) if ra > 0 else float("nan"), "history": history,
+               "ssr": float(sp / ra) if ra > 0 else float("nan"),
+               "other_variables_rmse": {name: {k: float(np.mean(history[f"rmse_{k}_{name}"][len(history[
+                   f"rmse_{k}_{name}"]) // 2:])) for k in ("analysis", "free", "observed")
+                   if f"rmse_{k}_{name}" in history} for name in scored},
+               "history": history,
                "note": "means over the second half of the cycles; latitude-weighted over all levels"}
     if rank == 0:
         dsout = xr.Dataset(

@@ -263,6 +263,9 @@ class AssimilationConfig:
     cycles: int = 40  # 6-hourly cycles (40 = 10 days)
     obs_fraction: float = 0.03  # fraction of grid cells observed per stream
     obs_error: float = 0.5  # K, temperature observation error
+    # radiosonde-like: other variables observed at the same station cells, name -> error (physical units),
+    # e.g. {u_wind: 1.0, v_wind: 1.0, surface_pressure: 100.0}; scores stay on temperature
+    extra_observations: dict[str, float] = dataclasses.field(default_factory=dict)
     steps: int = 16
     cg_iterations: int = 1
     gamma_max: float | None = 10.0  # GuidanceConfig.gamma_max
