@@ -121,6 +121,7 @@ def run_assimilation(cfg: AssimilationConfig, out: str | Path, comm: Any = None)
 
     comm = comm or SerialComm()
     rank, size = comm.Get_rank(), comm.Get_size()
+    observed = observed_variables(cfg)  # a bad key stops the run here, before anything is written
     out = Path(out)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -146,7 +147,6 @@ def run_assimilation(cfg: AssimilationConfig, out: str | Path, comm: Any = None)
     stations = rng.choice(H * W, size=max(1, int(cfg.obs_fraction * H * W)), replace=False)
     lat_w = np.cos(np.deg2rad(comp.model.lat.numpy()))[None, :, None] * np.ones((K, H, W))
     lat_w = (lat_w / lat_w.mean()).reshape(-1)
-    observed = observed_variables(cfg)
     extras = [v for v in observed if v != "temperature"]
     # scored beside temperature, observed or not: the winds and surface pressure (and any other extra)
     scored = list(dict.fromkeys(["u_wind", "v_wind", "surface_pressure", *extras]))
@@ -159,8 +159,10 @@ def run_assimilation(cfg: AssimilationConfig, out: str | Path, comm: Any = None)
     failed: str | None = None
     for cycle in range(cfg.cycles):
         valid = start + dt.timedelta(hours=6 * (cycle + 1))
-        truth = stack_channels(ds.isel(time=[times.index(valid)]), [Channel("temperature", lv) for lv in levels])
-        truth = truth.reshape(-1).astype(np.float64)
+        frame = ds.isel(time=[times.index(valid)])
+        truth = stack_channels(frame, [Channel("temperature", lv) for lv in levels]).reshape(-1).astype(np.float64)
+        truth_other = {name: stack_channels(frame, ext_channels[name]).reshape(-1)
+                       * VARIABLE_TABLE[VARIABLES[name].csdms].scale for name in scored}  # BMI units
         try:
             if cycle == 1 and rank == cfg.fail_rank:
                 raise RuntimeError(f"injected failure on rank {rank}")
@@ -183,7 +185,6 @@ def run_assimilation(cfg: AssimilationConfig, out: str | Path, comm: Any = None)
                 errs = np.concatenate([errs, np.ones(cfg.outside_grid)])
             streams = {"temperature": (idx, vals, errs)}
             for name in extras:  # the same cells (all the variable's levels, or the one observed level)
-                tv = stack_channels(ds.isel(time=[times.index(valid)]), ext_channels[name]).reshape(-1)
                 nk = len(ext_channels[name])
                 if nk == 1:
                     vi = cells
@@ -192,7 +193,7 @@ def run_assimilation(cfg: AssimilationConfig, out: str | Path, comm: Any = None)
                 else:
                     vi = (np.arange(nk)[:, None] * H * W + cells[None, :]).reshape(-1)
                 scale = VARIABLE_TABLE[VARIABLES[name].csdms].scale  # project -> BMI units
-                streams[name] = (vi, (tv[vi] + rng.normal(0.0, observed[name], vi.size)) * scale,
+                streams[name] = (vi, truth_other[name][vi] + rng.normal(0.0, observed[name], vi.size) * scale,
                                  np.full(vi.size, observed[name] * scale))
             if rank == cfg.silent_rank:
                 streams = {k: (a[:0], b[:0], c[:0]) for k, (a, b, c) in streams.items()}
@@ -241,8 +242,7 @@ def run_assimilation(cfg: AssimilationConfig, out: str | Path, comm: Any = None)
             em = da.get_value(out_name, np.empty(my_members * nv)).reshape(my_members, nv)
             ef = free.get_value(out_name, np.empty(my_members * nv)).reshape(my_members, nv)
             e1, _, ef1, ecnt = _reduce(comm, em, ef)
-            tv = stack_channels(ds.isel(time=[times.index(valid)]), ext_channels[name]).reshape(-1)
-            tv = tv * VARIABLE_TABLE[VARIABLES[name].csdms].scale
+            tv = truth_other[name]
             history.setdefault(f"rmse_analysis_{name}", []).append(weighted_rms(e1 / ecnt - tv, lat_w[:nv]))
             history.setdefault(f"rmse_free_{name}", []).append(weighted_rms(ef1 / ecnt - tv, lat_w[:nv]))
             if name in merged_extra and merged_extra[name][0].size:  # where it is observed

@@ -72,8 +72,8 @@ def test_two_rank_cycle_and_faults(tmp_path: Path) -> None:
     assert not (tmp_path / "bad_model" / "analysis.nc").exists()
 
 
-def test_extra_observations_are_checked_by_name() -> None:
-    from wind_bmi.coupling.assimilate import observed_variables
+def test_extra_observations_are_checked_by_name(tmp_path: Path) -> None:
+    from wind_bmi.coupling.assimilate import observed_variables, run_assimilation
 
     from wind_bmi.config import AssimilationConfig, ConfigError
 
@@ -83,6 +83,9 @@ def test_extra_observations_are_checked_by_name() -> None:
         observed_variables(AssimilationConfig(extra_observations={"wind_speed": 1.0}))
     with pytest.raises(ConfigError, match=r"extra_observations.v_wind: .* > 0"):
         observed_variables(AssimilationConfig(extra_observations={"v_wind": 0.0}))
+    with pytest.raises(ConfigError, match="extra_observations.wind_speed"):  # before anything is written
+        run_assimilation(AssimilationConfig(extra_observations={"wind_speed": 1.0}), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.skipif(not shipped_card_path().exists(), reason="no shipped model")
