@@ -85,6 +85,16 @@ def observed_variables(cfg: AssimilationConfig) -> dict[str, float]:
     return out
 
 
+def station_indices(cells: np.ndarray, n_levels: int, level_index: int, plane: int) -> np.ndarray:
+    """Flat indices of the station ``cells`` in a ``(n_levels, H, W)`` field with ``plane = H * W``:
+    every level, the one ``level_index`` (>= 0), or the cells themselves for a surface field."""
+    if n_levels == 1:
+        return cells
+    if level_index >= 0:
+        return level_index * plane + cells
+    return (np.arange(n_levels)[:, None] * plane + cells[None, :]).reshape(-1)
+
+
 def _bmi_config(cfg: AssimilationConfig, members: int, seed: int, truth: str, start: str, out: Path) -> Path:
     d = {"kind": "bmi", "model": cfg.model, "members": members, "seed": seed, "context_frames": 4, "initial_condition": truth,
          "start_time": start, "sampler": {"steps": cfg.steps, "eta": 1.0},
@@ -153,6 +163,7 @@ def run_assimilation(cfg: AssimilationConfig, out: str | Path, comm: Any = None)
     scored = [v for v in scored if any(c == v for c, _ in comp.model.channels)]
     ext_channels = {v: [Channel(c, lv) for c, lv in comp.model.channels if c == v] for v in scored}
     ext_size = {v: len(ext_channels[v]) * H * W for v in scored}
+    scale = {v: VARIABLE_TABLE[VARIABLES[v].csdms].scale for v in scored}  # project -> BMI units
     history: dict[str, list[float]] = {"rmse_analysis": [], "rmse_free": [], "spread_analysis": [], "n_obs": [],
                                        "rmse_analysis_observed": [], "rmse_analysis_unobserved": []}
     mean_frames, spread_frames, out_times = [], [], []
@@ -161,18 +172,14 @@ def run_assimilation(cfg: AssimilationConfig, out: str | Path, comm: Any = None)
         valid = start + dt.timedelta(hours=6 * (cycle + 1))
         frame = ds.isel(time=[times.index(valid)])
         truth = stack_channels(frame, [Channel("temperature", lv) for lv in levels]).reshape(-1).astype(np.float64)
-        truth_other = {name: stack_channels(frame, ext_channels[name]).reshape(-1)
-                       * VARIABLE_TABLE[VARIABLES[name].csdms].scale for name in scored}  # BMI units
+        truth_other = {name: stack_channels(frame, ext_channels[name]).reshape(-1) * scale[name] for name in scored}
         try:
             if cycle == 1 and rank == cfg.fail_rank:
                 raise RuntimeError(f"injected failure on rank {rank}")
             if cfg.moving:
                 stations = rng.choice(H * W, size=stations.size, replace=False)
             cells = stations
-            if cfg.level_index >= 0:
-                idx = cfg.level_index * H * W + cells
-            else:
-                idx = (np.arange(K)[:, None] * H * W + cells[None, :]).reshape(-1)
+            idx = station_indices(cells, K, cfg.level_index, H * W)
             vals = truth[idx] + rng.normal(0.0, cfg.obs_error, idx.size)
             errs = np.full(idx.size, cfg.obs_error)
             if cfg.duplicates:
@@ -185,16 +192,9 @@ def run_assimilation(cfg: AssimilationConfig, out: str | Path, comm: Any = None)
                 errs = np.concatenate([errs, np.ones(cfg.outside_grid)])
             streams = {"temperature": (idx, vals, errs)}
             for name in extras:  # the same cells (all the variable's levels, or the one observed level)
-                nk = len(ext_channels[name])
-                if nk == 1:
-                    vi = cells
-                elif cfg.level_index >= 0:
-                    vi = cfg.level_index * H * W + cells
-                else:
-                    vi = (np.arange(nk)[:, None] * H * W + cells[None, :]).reshape(-1)
-                scale = VARIABLE_TABLE[VARIABLES[name].csdms].scale  # project -> BMI units
-                streams[name] = (vi, truth_other[name][vi] + rng.normal(0.0, observed[name], vi.size) * scale,
-                                 np.full(vi.size, observed[name] * scale))
+                vi = station_indices(cells, len(ext_channels[name]), cfg.level_index, H * W)
+                streams[name] = (vi, truth_other[name][vi] + rng.normal(0.0, observed[name], vi.size) * scale[name],
+                                 np.full(vi.size, observed[name] * scale[name]))
             if rank == cfg.silent_rank:
                 streams = {k: (a[:0], b[:0], c[:0]) for k, (a, b, c) in streams.items()}
             mine: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | str = streams
