@@ -36,3 +36,38 @@ def test_cli_help_for_every_subcommand() -> None:
     sub = next(a for a in parser._actions if a.dest == "command")
     for name, p in sub.choices.items():  # type: ignore[union-attr]
         assert p.format_help().strip(), name
+
+
+IMPORT_CHECK = ("import wind_bmi, wind_bmi.model.tasks, wind_bmi.coupling.regrid; "
+                "assert 'WindBmi' in vars(wind_bmi), 'WindBmi is not a real attribute'; "
+                "m = wind_bmi.WindBmi(); m.initialize(''); print(m.get_component_name()); m.finalize()")
+
+
+def test_package_imports_from_the_repository_root() -> None:
+    # the source folder wind_bmi/ shadows the install here: the package must find model/ and coupling/
+    out = subprocess.run([sys.executable, "-c", IMPORT_CHECK], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "WIND" in out.stdout
+
+
+def test_package_imports_from_another_folder(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-c", IMPORT_CHECK], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_package_imports_from_a_built_wheel(tmp_path: Path) -> None:
+    wheels, target = tmp_path / "wheels", tmp_path / "site"
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
+                            "-w", str(wheels), str(ROOT)], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-2000:]
+    (wheel,) = wheels.glob("wind_bmi-*.whl")
+    inst = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", "--target", str(target),
+                           str(wheel)], capture_output=True, text=True)
+    assert inst.returncode == 0, inst.stderr[-2000:]
+    assert (target / "wind_bmi" / "model" / "weights").is_dir()
+    # -I: isolated mode, so neither the editable install's path hooks nor the cwd are on sys.path
+    code = f"import sys; sys.path.insert(0, {str(target)!r}); import site; " \
+           f"sys.path.extend(site.getsitepackages()); {IMPORT_CHECK}; " \
+           f"import wind_bmi; assert wind_bmi.__file__.startswith({str(target)!r}), wind_bmi.__file__"
+    out = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
