@@ -127,7 +127,7 @@ def merge_observations(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], s
 def run_assimilation(cfg: AssimilationConfig, out: str | Path, comm: Any = None) -> dict[str, Any]:
     """Run the OSSE; returns the summary (also written to ``<out>/summary.json`` by rank 0)."""
     from wind_bmi import WindBmi
-    from wind_bmi.component import shipped_sample_path
+    from wind_bmi.data import shipped_sample_path
 
     comm = comm or SerialComm()
     rank, size = comm.Get_rank(), comm.Get_size()
@@ -174,29 +174,17 @@ def run_assimilation(cfg: AssimilationConfig, out: str | Path, comm: Any = None)
         truth = stack_channels(frame, [Channel("temperature", lv) for lv in levels]).reshape(-1).astype(np.float64)
         truth_other = {name: stack_channels(frame, ext_channels[name]).reshape(-1) * scale[name] for name in scored}
         try:
-            if cycle == 1 and rank == cfg.fail_rank:
-                raise RuntimeError(f"injected failure on rank {rank}")
             if cfg.moving:
                 stations = rng.choice(H * W, size=stations.size, replace=False)
             cells = stations
             idx = station_indices(cells, K, cfg.level_index, H * W)
             vals = truth[idx] + rng.normal(0.0, cfg.obs_error, idx.size)
             errs = np.full(idx.size, cfg.obs_error)
-            if cfg.duplicates:
-                idx = np.concatenate([idx, idx[: cfg.duplicates]])
-                vals = np.concatenate([vals, vals[: cfg.duplicates]])
-                errs = np.concatenate([errs, errs[: cfg.duplicates]])
-            if cfg.outside_grid:
-                idx = np.concatenate([idx, n + np.arange(cfg.outside_grid)])
-                vals = np.concatenate([vals, np.zeros(cfg.outside_grid)])
-                errs = np.concatenate([errs, np.ones(cfg.outside_grid)])
             streams = {"temperature": (idx, vals, errs)}
             for name in extras:  # the same cells (all the variable's levels, or the one observed level)
                 vi = station_indices(cells, len(ext_channels[name]), cfg.level_index, H * W)
                 streams[name] = (vi, truth_other[name][vi] + rng.normal(0.0, observed[name], vi.size) * scale[name],
                                  np.full(vi.size, observed[name] * scale[name]))
-            if rank == cfg.silent_rank:
-                streams = {k: (a[:0], b[:0], c[:0]) for k, (a, b, c) in streams.items()}
             mine: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | str = streams
         except Exception as exc:  # noqa: BLE001 - any failure must reach every rank
             mine = f"rank {rank}: {type(exc).__name__}: {exc}"
@@ -209,8 +197,6 @@ def run_assimilation(cfg: AssimilationConfig, out: str | Path, comm: Any = None)
         merged_extra = {name: merge_observations([g[name] for g in parts], ext_size[name]) for name in extras}
         # the observation error is per variable in the component: use the merged values at the stream error
         try:
-            if cycle == 1 and rank == cfg.fail_update_rank:
-                raise RuntimeError(f"injected update failure on rank {rank}")
             da.set_value_at_indices(OBS_NAME, g_idx, g_val)
             for name, (e_idx, e_val, *_) in merged_extra.items():
                 da.set_value_at_indices(_twin(VARIABLES[name].csdms, "observed"), e_idx, e_val)

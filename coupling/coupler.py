@@ -2,7 +2,8 @@
 
 The coupler reads each component's grids through BMI (rectilinear or uniform rectilinear lat-lon,
 ``[level,] lat, lon``), builds regridding weights between them (or reads an ESMF weight file),
-converts time and variable units, and alternates *exchange, then advance both to the next
+converts time units (``h``, ``days``, or CF ``<unit> since <date>`` with the component's calendar:
+dated clocks must agree on the date) and variable units, and alternates *exchange, then advance both to the next
 coupling time with* ``update_until``. Anything it cannot do exactly -- an unknown time or
 variable unit, a coupling interval that is not a multiple of a component's time step, a grid it
 cannot read as lat-lon, a level that does not exist -- raises :class:`CouplerError` naming the
@@ -18,9 +19,11 @@ component and variable.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import cftime
 import numpy as np
 from numpy.typing import NDArray
 from wind_bmi.coupling.regrid import LatLonGrid, Regridder, RegridError
@@ -65,12 +68,43 @@ class GridInfo:
     levels: NDArray[np.float64]
 
 
-def time_unit_seconds(bmi: Any, name: str) -> float:
+@dataclasses.dataclass(frozen=True)
+class Clock:
+    """A component's time axis: seconds per unit, and for CF ``<unit> since <date>`` units the reference
+    date (a ``cftime`` datetime in the component's calendar), else None (a relative clock)."""
+
+    seconds_per_unit: float
+    reference: Any = None
+
+    def date_at(self, value: float) -> Any:
+        """The date of time ``value`` on this clock (None for a relative clock)."""
+        if self.reference is None:
+            return None
+        return self.reference + dt.timedelta(seconds=float(value) * self.seconds_per_unit)
+
+
+def component_clock(bmi: Any, name: str) -> Clock:
+    """Read ``get_time_units()`` (``h``, ``days`` ... or CF ``hours since 1900-01-01 00:00:0.0``) and the
+    calendar (``get_calendar()`` where the component has it, CF's ``standard`` otherwise)."""
     units = str(bmi.get_time_units()).strip()
-    if units not in SECONDS_PER_UNIT:
+    unit, _, since = units.partition(" since ")
+    unit = unit.strip()
+    if unit not in SECONDS_PER_UNIT:
         raise CouplerError(f"component {name!r}: time units {units!r} not understood; expected one of "
-                           f"{sorted(SECONDS_PER_UNIT)}")
-    return SECONDS_PER_UNIT[units]
+                           f"{sorted(SECONDS_PER_UNIT)}, optionally as CF '<unit> since <date>'")
+    if not since:
+        return Clock(SECONDS_PER_UNIT[unit])
+    calendar = str(bmi.get_calendar()) if callable(getattr(bmi, "get_calendar", None)) else "standard"
+    try:
+        reference = cftime.num2date(0.0, f"{unit} since {since.strip()}", calendar=calendar)
+    except (ValueError, TypeError) as exc:
+        raise CouplerError(f"component {name!r}: time units {units!r} (calendar {calendar!r}) are not CF "
+                           f"time units: {exc}") from exc
+    return Clock(SECONDS_PER_UNIT[unit], reference)
+
+
+def time_unit_seconds(bmi: Any, name: str) -> float:
+    return component_clock(bmi, name).seconds_per_unit
 
 
 def read_grid(bmi: Any, name: str, var: str) -> GridInfo:
@@ -177,7 +211,8 @@ class Coupler:
             raise CouplerError(f"interval_seconds must be positive, got {interval_seconds}")
         self.components = dict(components)
         self.interval = float(interval_seconds)
-        self.unit = {n: time_unit_seconds(c, n) for n, c in self.components.items()}
+        self.clock = {n: component_clock(c, n) for n, c in self.components.items()}
+        self.unit = {n: clk.seconds_per_unit for n, clk in self.clock.items()}
         for name, comp in self.components.items():
             step = comp.get_time_step() * self.unit[name]
             ratio = self.interval / step
@@ -185,6 +220,16 @@ class Coupler:
                 raise CouplerError(f"component {name!r}: coupling interval {self.interval} s is not a multiple of its "
                                    f"time step {step} s")
         self.start = {n: c.get_current_time() for n, c in self.components.items()}
+        # components with CF reference dates must stand at the same date (to the second) to be coupled
+        dates = {n: self.clock[n].date_at(self.start[n]) for n in self.components}
+        dated = {n: d for n, d in dates.items() if d is not None}
+        if len(dated) > 1:
+            first_name, first = next(iter(dated.items()))
+            for n, d in dated.items():
+                if abs((d - first).total_seconds()) > 1.0:
+                    raise CouplerError(f"component {n!r} is at {d} but component {first_name!r} at {first}: "
+                                       f"their clocks must show the same date to be coupled")
+        self.start_date = next(iter(dated.values()), None)
         self.links = [_Link(ex, self.components) for ex in exchanges]
         self.elapsed = 0.0
         self.history: list[dict[str, Any]] = []

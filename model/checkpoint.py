@@ -15,12 +15,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from torch import Tensor
 from wind_bmi.model.bandlimit import ZonalBandLimit
-from wind_bmi.model.denoiser import persistence_mode
 from wind_bmi.model.network import UViT
 from wind_bmi.model.schedule import CosineVPSchedule
 
@@ -43,17 +40,6 @@ class Prior:
     @property
     def grid(self) -> tuple[int, int]:
         return (len(self.card["grid"]["lat"]), len(self.card["grid"]["lon"]))
-
-    @property
-    def lat_offset(self) -> Tensor | None:
-        """The normalisation's latitude offset ``(C, H)`` the network was trained with, or None (older cards)."""
-        off = self.card["normalisation"].get("lat_offset")
-        return None if off is None else torch.tensor(off, dtype=torch.float32)
-
-    @property
-    def persistence_anomaly(self) -> bool | str:
-        """How the network was trained on departures from persistence (``denoiser.persistence_mode``)."""
-        return persistence_mode(self.card["architecture"])
 
     @property
     def band_limit(self) -> ZonalBandLimit | None:
@@ -84,7 +70,6 @@ def build_network(card: dict[str, Any]) -> UViT:
         dim=int(arch["dim"]), depth=int(arch["depth"]), heads=int(arch["heads"]),
         patch=int(arch["patch"]), in_patch=int(arch.get("in_patch", 1)),
         vector_channels=tuple(int(c) for c in arch.get("vector_channels", ())),
-        lat_deg=[float(v) for v in card["grid"]["lat"]] if arch.get("lat_input", False) else None,
         temporal_mix=bool(arch.get("temporal_mix", False)),
     )
 
@@ -156,12 +141,6 @@ def load_prior(card_path: str | Path | None = None, device: str | torch.device =
         net.load_state_dict(state, strict=True)
     except (RuntimeError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{weights_path}: does not fit the card's architecture: {str(exc)[:300]}") from exc
-    off = card["normalisation"].get("lat_offset")
-    if off is not None:
-        shape = (len(card["channels"]), len(card["grid"]["lat"]))
-        if np.shape(off) != shape:
-            raise CheckpointError(f"model card {card_path}: normalisation 'lat_offset' has shape {np.shape(off)}, "
-                                  f"expected (channels, latitudes) = {shape}")
     net.eval().to(device)
     for p in net.parameters():
         p.requires_grad_(False)

@@ -2,16 +2,13 @@
 
 A denoiser is any callable ``(z, t) -> x_hat``. :class:`PriorDenoiser` wraps the noise-blind
 network: the network never sees ``t`` (it infers each frame's noise from ``z``); the wrapper uses
-it to pass clean frames through unchanged and, for priors trained with a latitude offset, to centre
-the input per latitude and, for priors trained on persistence anomalies, to show the network each
-noisy frame as its departure from the newest clean frame before it (:func:`network_estimate`).
+it only to pass clean frames through unchanged.
 :class:`GaussianDenoiser` is the analytic denoiser of a Gaussian prior, used to test guidance exactly.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -27,76 +24,24 @@ class Denoiser(Protocol):
     def __call__(self, z: Tensor, t: Tensor) -> Tensor: ...
 
 
-def persistence_mode(architecture: Mapping[str, Any]) -> bool | str:
-    """The ``persistence`` argument of :func:`network_estimate` for an architecture (a card's
-    ``architecture`` or a ``ModelConfig`` as a dict): False (no ``persistence_anomaly``, older cards
-    too), True (the full shift) or ``"sigma2"`` (``persistence_weight: sigma2``)."""
-    if not architecture.get("persistence_anomaly", False):
-        return False
-    return "sigma2" if architecture.get("persistence_weight", "one") == "sigma2" else True
+def network_estimate(net: nn.Module, z: Tensor, bf16: bool, band_limit: ZonalBandLimit | None = None) -> Tensor:
+    """``x_hat`` of the noise-blind network for ``z: (B, T, C, H, W)`` (training and sampling).
 
-
-def persistence_base(z: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-    """For each frame, the newest clean frame (``t == 0``) strictly before it, and where there is one.
-
-    Returns ``(base (B, T, C, H, W), has (B, T) bool)``; ``has`` is False on clean frames and on noisy
-    frames with no clean frame before them (their ``base`` is meaningless and must not be used).
-    """
-    B, T = t.shape
-    clean = t == 0
-    idx = torch.arange(T, device=t.device).expand(B, T)
-    newest = torch.where(clean, idx, torch.full_like(idx, -1)).cummax(dim=1).values  # clean at or before f
-    has = (newest >= 0) & ~clean
-    src = newest.clamp_min(0)[:, :, None, None, None].expand_as(z)
-    return torch.gather(z, 1, src), has
-
-
-def network_estimate(net: nn.Module, z: Tensor, t: Tensor, schedule: CosineVPSchedule, offset: Tensor | None,
-                     bf16: bool, band_limit: ZonalBandLimit | None = None, persistence: bool | str = False) -> Tensor:
-    """``x_hat`` of the network for ``z: (B, T, C, H, W)`` at levels ``t: (B, T)`` (training and sampling).
-
-    With ``offset`` ``(C, H)`` (the latitude offset of the normalisation) the network works in the
-    per-latitude-centred space ``x' = x - offset``: it gets ``z - alpha_t offset`` (= ``alpha_t x' +
-    sigma_t eps``, the same noise) and its estimate of ``x'`` is shifted back. The network itself stays
-    blind to ``t``; this is a fixed change of variables of the data, exact for any ``t``.
-    With ``persistence`` a noisy frame that has a clean frame before it is centred on the newest such
-    frame ``x_p`` instead (``z - alpha_t x_p``, the same noise; the estimate shifted back by ``x_p``): the
-    network estimates the departure from persistence, whose zero is persistence itself, so a forecast
-    starts from it rather than from the climatological state. Frames with no clean frame before them
-    (no context, e.g. downscaling) keep the latitude offset or none. Again a fixed change of
-    variables; the network is told neither the levels nor which frames are clean.
-    ``persistence="sigma2"`` centres on ``sigma_t^2 x_p`` instead: persistence at high noise levels,
-    where the new frame is mostly unknown, fading to no shift at low ones, where a departure from
-    persistence (a few hundredths of a std) would be hard for a noise-blind network to tell from the
-    noise (the full shift's sampled windows drift warm by a bias per sampler step).
-    With ``band_limit`` the estimate is projected onto the zonal wavenumbers the data occupies
+    The network is not told the noise levels: it infers each frame's level from ``z`` (Sun et al.
+    2025 show blind denoisers work; x-prediction keeps them stable). With ``band_limit`` the estimate
+    is projected onto the zonal wavenumbers the data occupies
     (:class:`~wind_bmi.model.bandlimit.ZonalBandLimit`).
     """
-    shift = None
-    if offset is not None:
-        shift = offset.to(z.device, z.dtype)[:, :, None].expand(z.shape)
-    if persistence:
-        if persistence not in (True, "one", "sigma2"):
-            raise ValueError(f"persistence must be False, True, 'one' or 'sigma2', got {persistence!r}")
-        base, has = persistence_base(z, t)
-        if persistence == "sigma2":
-            base = schedule.coefficients(t)[1].to(z.dtype) ** 2 * base
-        keep = has[..., None, None, None]
-        shift = torch.where(keep, base, torch.zeros_like(z) if shift is None else shift)
-    if shift is not None:
-        z = z - schedule.coefficients(t)[0].to(z.dtype) * shift
     with torch.autocast(z.device.type, dtype=torch.bfloat16, enabled=bf16):
         x_hat = net(z)
     x_hat = x_hat.to(z.dtype)
-    if shift is not None:
-        x_hat = x_hat + shift
     return x_hat if band_limit is None else band_limit(x_hat)
 
 
 def fast_bf16(device: str | torch.device) -> bool:
     """Whether bfloat16 autocast is fast on ``device``: CUDA with bf16 support, or a CPU with AMX
     tiles or AVX-512 BF16. Elsewhere (e.g. an AVX2-only CPU) torch emulates bf16 matmuls and
-    convolutions, measured ~40x slower than fp32 on a 2-core AMD EPYC (session 13), so the
+    convolutions, measured ~40x slower than fp32 on a 2-core AVX2-only AMD EPYC, so the
     callers that default to bf16 (``bf16=None``) run in fp32 there."""
     dev = torch.device(device)
     if dev.type == "cuda":
@@ -115,17 +60,13 @@ class PriorDenoiser(nn.Module):
         schedule: the noise schedule the prior was trained with.
         bf16: run the network under ``torch.autocast(bfloat16)`` (CPU AMX / GPU tensor cores); None:
             where it is fast on the network's device (:func:`fast_bf16`).
-        offset: the latitude offset ``(C, H)`` the prior was trained with, or None.
         band_limit: the data's zonal band limit (the card's ``band_limit``), or None: estimates of
             noisy frames are projected onto it, and guidance projects its posterior estimate too
             (:meth:`project`).
-        persistence: the prior was trained on departures from persistence (the card's architecture
-            key ``persistence_anomaly``, weighted by ``persistence_weight``; :func:`network_estimate`).
     """
 
     def __init__(self, net: nn.Module, schedule: CosineVPSchedule, bf16: bool | None = False,
-                 offset: Tensor | None = None, band_limit: ZonalBandLimit | None = None,
-                 persistence: bool | str = False) -> None:
+                 band_limit: ZonalBandLimit | None = None) -> None:
         super().__init__()
         self.net = net
         self.schedule = schedule
@@ -133,13 +74,10 @@ class PriorDenoiser(nn.Module):
             param = next(net.parameters(), None)
             bf16 = fast_bf16(param.device if param is not None else "cpu")
         self.bf16 = bf16
-        self.offset = None if offset is None else offset.float()
         self.band_limit = band_limit
-        self.persistence = persistence
 
     def forward(self, z: Tensor, t: Tensor) -> Tensor:
-        x_hat = network_estimate(self.net, z, t, self.schedule, self.offset, self.bf16, self.band_limit,
-                                 self.persistence)
+        x_hat = network_estimate(self.net, z, self.bf16, self.band_limit)
         clean = (t == 0)[..., None, None, None]
         return torch.where(clean, z, x_hat)
 

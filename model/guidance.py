@@ -196,10 +196,10 @@ def check_gamma_max(gamma_max: float | None) -> float | None:
 
 
 def guided(method: str, denoiser: Denoiser, observation: Observation, cg_iterations: int = 1,
-           dps_scale: float = 1.0, gamma_max: float | None = GAMMA_MAX) -> Callable[[Tensor, Tensor], Tensor]:
+           gamma_max: float | None = GAMMA_MAX) -> Callable[[Tensor, Tensor], Tensor]:
     """Build a guided denoiser by name: ``mmps`` or ``dps``."""
     if method == "mmps":
         return MMPSDenoiser(denoiser, observation, cg_iterations, gamma_max)
     if method == "dps":
-        return DPSDenoiser(denoiser, observation, dps_scale, gamma_max)
+        return DPSDenoiser(denoiser, observation, gamma_max=gamma_max)
     raise ValueError(f"guidance method must be 'mmps' or 'dps', got {method!r}")

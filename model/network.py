@@ -13,7 +13,6 @@ Shapes: input/output ``(B, T, C, H, W)``; latitude ascending along H.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -175,10 +174,6 @@ class UViT(nn.Module):
         in_patch: pixel-unshuffle factor applied before the first conv (1 = full resolution).
         vector_channels: input channels that are eastward/northward vector components (u, v): the
             first conv's pole-crossing halo negates them (requires ``in_patch == 1``).
-        lat_deg: latitudes of the grid rows; when given, ``sin(lat)`` and ``cos(lat)`` enter the first
-            conv as two static input channels (the convolutions are otherwise the same at every
-            latitude, and the rows next to the poles, 96 cells around a ~2000 km circle on T31, are
-            smooth on a scale found nowhere else). Not a noise level: the network stays noise-blind.
         temporal_mix: after every conv stage (down and up paths) a :class:`FrameMix` mixes the frames
             at every pixel, so a generated frame can copy a clean frame's detail at full resolution
             (windows must then have exactly ``frames`` frames).
@@ -186,19 +181,9 @@ class UViT(nn.Module):
 
     def __init__(self, in_channels: int, frames: int, grid: tuple[int, int], channels: tuple[int, ...] = (32, 64, 128),
                  blocks_per_stage: int = 1, dim: int = 256, depth: int = 4, heads: int = 4, patch: int = 1,
-                 in_patch: int = 1, vector_channels: tuple[int, ...] = (),
-                 lat_deg: Sequence[float] | None = None, temporal_mix: bool = False) -> None:
+                 in_patch: int = 1, vector_channels: tuple[int, ...] = (), temporal_mix: bool = False) -> None:
         super().__init__()
         H, W = grid
-        static: Tensor | None = None
-        if lat_deg is not None:
-            if len(lat_deg) != H:
-                raise ValueError(f"lat_deg has {len(lat_deg)} rows, the grid {H}")
-            lat = torch.deg2rad(torch.tensor([float(v) for v in lat_deg], dtype=torch.float64))
-            static = torch.stack([torch.sin(lat), torch.cos(lat)])[:, :, None].expand(2, H, W).float().contiguous()
-        self.static: Tensor | None
-        self.register_buffer("static", static, persistent=False)  # not in the weights: rebuilt from the card
-        n_static = 0 if self.static is None else 2
         bad = [c for c in vector_channels if not 0 <= c < in_channels]
         if bad:
             raise ValueError(f"vector_channels {bad} outside 0..{in_channels - 1}")
@@ -213,9 +198,9 @@ class UViT(nn.Module):
         self.in_channels, self.frames, self.grid, self.patch = in_channels, frames, grid, patch
         sign = None
         if self.vector_channels:
-            sign = torch.ones(in_channels + n_static, 1, 1)
+            sign = torch.ones(in_channels, 1, 1)
             sign[list(self.vector_channels)] = -1.0
-        self.stem = SphereConv((in_channels + n_static) * in_patch**2, channels[0], pole_sign=sign)
+        self.stem = SphereConv((in_channels) * in_patch**2, channels[0], pole_sign=sign)
         self.down = nn.ModuleList()
         self.downsample = nn.ModuleList()
         for i, c in enumerate(channels):
@@ -258,8 +243,6 @@ class UViT(nn.Module):
         if self.temporal_mix and T != self.frames:
             raise ValueError(f"this network mixes frames: windows must have {self.frames} frames, got {T}")
         h = z.reshape(B * T, C, H, W)
-        if self.static is not None:
-            h = torch.cat([h, self.static.to(h.dtype).expand(B * T, -1, -1, -1)], dim=1)
         if self.in_patch > 1:  # (B*T, C p p, H/p, W/p): T31 data are smooth at the grid scale
             h = F.pixel_unshuffle(h, self.in_patch)
         h = self.stem(h)  # per-frame convs

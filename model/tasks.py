@@ -39,8 +39,6 @@ class WindModel:
         bf16: autocast the network to bfloat16; None: where that is fast on ``device`` (AMX/AVX-512
             BF16 CPUs, CUDA; :func:`wind_bmi.model.denoiser.fast_bf16`), fp32 elsewhere.
         steps, eta: sampler defaults (reverse steps, DDIM 0 .. DDPM 1).
-        start_level: sampler default ``t*``: 1 starts generated frames from noise; below 1, from
-            persistence noised to ``t*`` (:mod:`wind_bmi.model.sampler`, warm start).
         method, cg_iterations: guidance defaults (``mmps`` | ``dps``).
         gamma_max: guidance default: frames noisier than ``Gamma = sigma^2 / alpha > gamma_max`` take
             the prior's estimate unguided (:data:`wind_bmi.model.guidance.GAMMA_MAX`; None guides all).
@@ -50,15 +48,14 @@ class WindModel:
 
     def __init__(self, prior: Prior, device: str | torch.device = "cpu", bf16: bool | None = False, steps: int = 32,
                  eta: float = 1.0, method: str = "mmps", cg_iterations: int = 1, band_limit: bool = True,
-                 start_level: float = 1.0, gamma_max: float | None = GAMMA_MAX) -> None:
+                 gamma_max: float | None = GAMMA_MAX) -> None:
         self.prior = prior
         self.device = torch.device(device)
         prior.net.to(self.device)
         card = prior.card
         self.card = card
-        self.denoiser = PriorDenoiser(prior.net, prior.schedule, bf16=bf16, offset=prior.lat_offset,
-                                      band_limit=prior.band_limit if band_limit else None,
-                                      persistence=prior.persistence_anomaly)
+        self.denoiser = PriorDenoiser(prior.net, prior.schedule, bf16=bf16,
+                                      band_limit=prior.band_limit if band_limit else None)
         self.schedule = prior.schedule
         self.T = int(card["architecture"]["frames"])
         self.channels: list[tuple[str, float | None]] = [(c["variable"], c["level"]) for c in card["channels"]]
@@ -71,9 +68,6 @@ class WindModel:
         self.levels = [float(v) for v in card.get("levels", [])]
         self.steps, self.eta, self.method, self.cg_iterations = steps, eta, method, cg_iterations
         self.gamma_max = check_gamma_max(gamma_max)
-        if not 0.0 < start_level <= 1.0:
-            raise ValueError(f"start_level must be in (0, 1], got {start_level}")
-        self.start_level = start_level
 
     # -- channels and units -------------------------------------------------------
     def channel_index(self, variable: str, level: float | None = None) -> int:
@@ -114,19 +108,14 @@ class WindModel:
     # -- the one sampling primitive ------------------------------------------------
     def sample(self, context: Tensor, context_mask: Tensor, observations: Sequence[Observation] = (),
                generator: torch.Generator | None = None, steps: int | None = None, eta: float | None = None,
-               method: str | None = None, cg_iterations: int | None = None,
-               start_level: float | None = None) -> Tensor:
+               method: str | None = None, cg_iterations: int | None = None) -> Tensor:
         """Sample windows in *normalised* units given clean context frames and observations.
 
         Args:
             context: ``(B, T, C, H, W)`` normalised; non-context frames ignored.
             context_mask: bool ``(T,)``.
             observations: observations on normalised windows, stacked if several.
-            start_level: warm-start level ``t*``; None: the model's default where the first frame is
-                context (a forecast-like window), else 1 (nothing to persist, e.g. downscaling).
         """
-        if start_level is None:
-            start_level = self.start_level if bool(context_mask[0]) else 1.0
         fn = None
         if observations:
             obs = observations[0] if len(observations) == 1 else \
@@ -135,8 +124,7 @@ class WindModel:
                         gamma_max=self.gamma_max)
         return sample_window(self.denoiser, self.schedule, context.to(self.device), context_mask,
                              steps=steps or self.steps, eta=self.eta if eta is None else eta,
-                             generator=generator, guided=fn,
-                             start_level=start_level)
+                             generator=generator, guided=fn)
 
     # -- tasks -----------------------------------------------------------------
     def forecast(self, initial: Tensor, lead_hours: float, members: int, generator: torch.Generator | None = None,

@@ -52,24 +52,11 @@ class TrainSettings:
     bf16: bool = True
     val_windows: int = 64
     seed: int = 0
-    lat_weight_floor: float = 0.0
 
     def __post_init__(self) -> None:
         for key in ("clean_prefix_prob", "shared_level_prob"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ValueError(f"{key} must be in [0, 1], got {getattr(self, key)}")
-
-
-def loss_latitude_weights(area_weights: Tensor, floor: float) -> Tensor:
-    """Per-row loss weights: the area weights (mean 1) raised to at least ``floor``, renormalised to mean 1.
-
-    Pure area weights (``floor`` 0) give the rows next to the poles ~0.05 of the mean weight on a T31
-    Gaussian grid, so an undertrained network leaves them noisy; a floor trains them too.
-    """
-    if not 0.0 <= floor <= 1.0:
-        raise ValueError(f"lat_weight_floor must be in [0, 1], got {floor}")
-    w = torch.clamp(area_weights, min=floor)
-    return w / w.mean()
 
 
 NOISE_BANDS = ((0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0))
@@ -118,16 +105,13 @@ def sample_levels(B: int, T: int, clean_prefix_prob: float, g: torch.Generator,
 
 
 def diffusion_loss(net: nn.Module, x: Tensor, t: Tensor, schedule: CosineVPSchedule, latw: Tensor, w_max: float,
-                   g: torch.Generator, bf16: bool, offset: Tensor | None = None,
-                   band_limit: ZonalBandLimit | None = None, persistence: bool | str = False) -> Tensor:
+                   g: torch.Generator, bf16: bool, band_limit: ZonalBandLimit | None = None) -> Tensor:
     """Weighted x-prediction loss of one batch ``x: (B, T, C, H, W)`` at levels ``t: (B, T)``.
 
-    ``offset``: the normalisation's latitude offset ``(C, H)`` (see :func:`network_estimate`) or None;
-    ``band_limit``: the data's zonal band limit the estimate is projected onto, or None;
-    ``persistence``: train on departures from persistence after clean frames (:func:`network_estimate`).
+    ``band_limit``: the data's zonal band limit the estimate is projected onto, or None.
     """
     z = schedule.noise(x, t, generator=g)
-    x_hat = network_estimate(net, z, t, schedule, offset, bf16, band_limit, persistence)
+    x_hat = network_estimate(net, z, bf16, band_limit)
     err = (x_hat - x) ** 2 * latw[None, None, None, :, None]
     per_frame = err.mean(dim=(2, 3, 4))  # (B, T)
     w = schedule.loss_weight(t, w_max)
@@ -137,8 +121,7 @@ def diffusion_loss(net: nn.Module, x: Tensor, t: Tensor, schedule: CosineVPSched
 @torch.no_grad()
 def validation_losses(net: nn.Module, val_batch: BatchFn, n_val: int, schedule: CosineVPSchedule, latw: Tensor,
                       windows: int, bf16: bool, seed: int = 12345, batch: int = 8,
-                      offset: Tensor | None = None, band_limit: ZonalBandLimit | None = None,
-                      persistence: bool | str = False) -> dict[str, float]:
+                      band_limit: ZonalBandLimit | None = None) -> dict[str, float]:
     """Latitude-weighted MSE of ``x_hat`` per noise band (all frames at one level per sample), with the
     estimate projected onto ``band_limit`` when given (as the denoiser does).
 
@@ -156,7 +139,7 @@ def validation_losses(net: nn.Module, val_batch: BatchFn, n_val: int, schedule: 
         t = torch.zeros(B, T)
         t[:, -1] = 1.0
         z = schedule.noise(x, t, generator=g)
-        x_hat = network_estimate(net, z, t, schedule, offset, bf16, band_limit, persistence)
+        x_hat = network_estimate(net, z, bf16, band_limit)
         w = latw[None, None, :, None]
         fc += float(((x_hat[:, -1] - x[:, -1]) ** 2 * w).mean(dim=(1, 2, 3)).sum())
         pers += float(((x[:, -2] - x[:, -1]) ** 2 * w).mean(dim=(1, 2, 3)).sum())
@@ -169,7 +152,7 @@ def validation_losses(net: nn.Module, val_batch: BatchFn, n_val: int, schedule: 
             B, T = x.shape[:2]
             t = (lo + (hi - lo) * torch.rand(B, 1, generator=g)).clamp_min(1e-4).expand(B, T).contiguous()
             z = schedule.noise(x, t, generator=g)
-            x_hat = network_estimate(net, z, t, schedule, offset, bf16, band_limit, persistence)
+            x_hat = network_estimate(net, z, bf16, band_limit)
             err = ((x_hat - x) ** 2 * latw[None, None, None, :, None]).mean(dim=(1, 2, 3, 4))
             total += float(err.sum())
             count += B
@@ -215,19 +198,14 @@ class Trainer:
         latw: latitude weights ``(H,)`` (mean 1).
         out: folder for ``train_state.*``, ``history.json``.
         device: torch device.
-        offset: the normalisation's latitude offset ``(C, H)`` or None (see :func:`network_estimate`).
         band_limit: the data's zonal band limit the estimates are projected onto, or None.
-        persistence: train on departures from persistence after clean frames (:func:`network_estimate`).
     """
 
     def __init__(self, net: nn.Module, schedule: CosineVPSchedule, settings: TrainSettings, train_batch: BatchFn,
                  n_train: int, val_batch: BatchFn, n_val: int, latw: Tensor, out: str | Path,
-                 device: str | torch.device = "cpu", offset: Tensor | None = None,
-                 band_limit: ZonalBandLimit | None = None, persistence: bool | str = False) -> None:
+                 device: str | torch.device = "cpu", band_limit: ZonalBandLimit | None = None) -> None:
         self.device = torch.device(device)
-        self.offset = None if offset is None else offset.to(self.device, torch.float32)
         self.band_limit = band_limit
-        self.persistence = persistence
         self.world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         self.rank = dist.get_rank() if self.world > 1 else 0
         if settings.batch_size % self.world:
@@ -294,8 +272,8 @@ class Trainer:
         x = self.train_batch(local).to(self.device)
         t = sample_levels(x.shape[0], x.shape[1], s.clean_prefix_prob, g, s.shared_level_prob).to(self.device)
         self.model.train()
-        loss = diffusion_loss(self.model, x, t, self.schedule, self.latw, s.w_max, g, s.bf16, self.offset,
-                              self.band_limit, self.persistence)
+        loss = diffusion_loss(self.model, x, t, self.schedule, self.latw, s.w_max, g, s.bf16,
+                              self.band_limit)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.net.parameters(), s.grad_clip)
@@ -344,7 +322,7 @@ class Trainer:
                 break
         bar.close()
         val = validation_losses(self.ema, self.val_batch, self.n_val, self.schedule, self.latw, s.val_windows, s.bf16,
-                                offset=self.offset, band_limit=self.band_limit, persistence=self.persistence)
+                                band_limit=self.band_limit)
         self.history.append({"step": self.step, "val": val, "wall_seconds": self.wall})
         self.elapsed += time.perf_counter() - t_start
         self._fit_start = None

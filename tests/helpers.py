@@ -6,9 +6,17 @@ import datetime as dt
 from pathlib import Path
 
 import numpy as np
+import torch
 import xarray as xr
+from wind_bmi.model.network import UViT
 
 from wind_bmi.variables import VARIABLES
+
+
+def tiny_net(**kw: object) -> UViT:
+    """A UViT over 4 channels on an 8 x 16 grid, seeded."""
+    torch.manual_seed(0)
+    return UViT(4, 5, (8, 16), channels=(8, 16), dim=32, depth=1, heads=2, **kw)  # type: ignore[arg-type]
 
 LEVELS = np.array([0.95, 0.51, 0.2])
 BOUNDS = np.array([[1.0, 0.77], [0.77, 0.26], [0.26, 0.0]])

@@ -28,21 +28,28 @@ def test_merge_drops_outside_and_merges_duplicates() -> None:
     assert err[1] == pytest.approx(1 / np.sqrt(2))
 
 
-def _run(tmp_path: Path, name: str, **over: object) -> subprocess.CompletedProcess[str]:
+def _run(tmp_path: Path, name: str, faults: dict[str, int] | None = None,
+         **over: object) -> subprocess.CompletedProcess[str]:
+    """``wind-bmi assimilate --quick`` on two ranks; with ``faults``, the same driver through the
+    fault-injecting communicator of ``tests/mpi_faults.py``."""
     cfg = {"kind": "assimilate", "truth": "", "members": 2, "cycles": 2, "obs_fraction": 0.05, "obs_error": 0.5,
            "steps": 4, **over}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
-    return subprocess.run([str(BIN / "mpiexec"), "-n", "2", str(BIN / "wind-bmi"), "assimilate", str(path), "--quick",
-                           "--out", str(tmp_path / name)], capture_output=True, text=True, timeout=600, env=env,
-                          cwd=tmp_path)
+    if faults is None:
+        cmd = [str(BIN / "wind-bmi"), "assimilate", str(path), "--quick", "--out", str(tmp_path / name)]
+    else:
+        flags = [a for k, v in faults.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+        cmd = [sys.executable, str(Path(__file__).parent / "mpi_faults.py"), str(path), str(tmp_path / name), *flags]
+    return subprocess.run([str(BIN / "mpiexec"), "-n", "2", *cmd], capture_output=True, text=True, timeout=600,
+                          env=env, cwd=tmp_path)
 
 
 @pytest.mark.skipif(not shipped_card_path().exists(), reason="no shipped model")
 @pytest.mark.mpi
 def test_two_rank_cycle_and_faults(tmp_path: Path) -> None:
-    ok = _run(tmp_path, "ok", duplicates=5, outside_grid=3, silent_rank=1)
+    ok = _run(tmp_path, "ok", {"duplicates": 5, "outside_grid": 3, "silent_rank": 1})
     assert ok.returncode == 0, ok.stderr[-2000:]
     summary = json.loads((tmp_path / "ok" / "summary.json").read_text())
     assert summary["ranks"] == 2 and summary["members"] == 2
@@ -55,14 +62,14 @@ def test_two_rank_cycle_and_faults(tmp_path: Path) -> None:
     # MMPS fits the analysis to the data where they are: closer to the truth there than away from them
     assert summary["rmse_analysis_observed_K"] < summary["rmse_analysis_unobserved_K"]
     assert (tmp_path / "ok" / "analysis.nc").exists() and (tmp_path / "ok" / "osse.png").exists()
-    bad = _run(tmp_path, "bad", fail_rank=1)
+    bad = _run(tmp_path, "bad", {"fail_rank": 1})
     assert bad.returncode != 0
     assert "injected failure on rank 1" in bad.stderr
     assert not (tmp_path / "bad" / "analysis.nc").exists() and not list((tmp_path / "bad").glob("*.tmp"))
     # a rank whose window fails (as a NaN window does) stops both ranks with its message: the other rank
     # does not wait forever in the next collective (the timeout would fail this test), nothing is left
     t0 = time.perf_counter()
-    bad = _run(tmp_path, "bad_update", fail_update_rank=0)
+    bad = _run(tmp_path, "bad_update", {"fail_update_rank": 0})
     assert bad.returncode != 0 and time.perf_counter() - t0 < 300
     assert "injected update failure on rank 0" in bad.stderr and "window update" in bad.stderr
     assert sorted(p.name for p in (tmp_path / "bad_update").iterdir()) == []

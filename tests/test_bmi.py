@@ -15,7 +15,7 @@ from wind_bmi.config import ConfigError
 
 T_NAME = "atmosphere_air__temperature"
 T_OBS = "atmosphere_air__observed_temperature"
-PS_NAME = "land_surface_air__pressure"
+PS_NAME = "atmosphere_bottom_air__pressure"
 
 
 @pytest.fixture()

@@ -106,7 +106,7 @@ def test_coupler_refuses_what_it_cannot_do_exactly(wind_cfg: Path, tmp_path: Pat
     with pytest.raises(CouplerError, match="level 0.5 is not one of"):
         Coupler(comps, [Exchange("wind", T3, "ocean", EX["AIR_IN"], level=0.5)], 86400.0)
     with pytest.raises(CouplerError, match="no conversion from 'Pa' to 'K'"):
-        Coupler(comps, [Exchange("wind", "land_surface_air__pressure", "ocean", EX["AIR_IN"])], 86400.0)
+        Coupler(comps, [Exchange("wind", "atmosphere_bottom_air__pressure", "ocean", EX["AIR_IN"])], 86400.0)
     with pytest.raises(CouplerError, match="has no input variable"):
         Coupler(comps, [Exchange("wind", T3, "ocean", "sea_ice__thickness", level=lev)], 86400.0)
     ocean.get_time_units = lambda: "fortnights"  # type: ignore[method-assign]

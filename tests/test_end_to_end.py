@@ -15,7 +15,7 @@ import yaml
 from wind_bmi.model.checkpoint import shipped_card_path
 
 from wind_bmi.cli import main
-from wind_bmi.component import shipped_sample_path
+from wind_bmi.data import shipped_sample_path
 
 pytestmark = pytest.mark.skipif(not shipped_card_path().exists(), reason="no shipped model")
 ROOT = Path(__file__).parent.parent

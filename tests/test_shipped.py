@@ -7,7 +7,7 @@ import torch
 from wind_bmi.model.checkpoint import load_prior, shipped_card_path
 from wind_bmi.model.tasks import WindModel
 
-from wind_bmi.component import shipped_sample_path
+from wind_bmi.data import shipped_sample_path
 from wind_bmi.data.layouts import open_any
 from wind_bmi.data.windows import Channel, stack_channels
 

@@ -19,6 +19,7 @@ Variables (CSDMS names; see README for the full table):
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,11 @@ VARIABLE_TABLE = build_variable_table()
 HOST_VARIABLE_TABLE = host_variable_table()
 OUTPUT_ROLES = ("state", "spread", "members")
 INPUT_ROLES = ("state", "observed", "coarse", "scalar", "host_observed")
+
+
+def get_time_units_of(comp: WindComponent) -> str:
+    """``hours since YYYY-MM-DD HH:MM:SS`` of the component's initial time."""
+    return f"hours since {comp.start_datetime.strftime('%Y-%m-%d %H:%M:%S')}"
 
 
 class WindBmi(Bmi):
@@ -177,10 +183,22 @@ class WindBmi(Bmi):
         self._refresh_outputs()
 
     def update_until(self, time: float) -> None:
+        """Advance window by window until ``time``, which must be a window boundary.
+
+        The component advances in whole windows of ``get_time_step()`` hours (one guided diffusion
+        window cannot stop part-way), so a time between boundaries is refused with the boundaries on
+        either side named, before anything runs; the state stays as it was.
+        """
         c = self._comp
-        if time < c.time_hours:
+        if time < c.time_hours - 1e-9:
             raise ValueError(f"update_until: time {time} h is before the current time {c.time_hours} h")
-        while c.time_hours < time - 1e-9:
+        n = (time - c.time_hours) / c.step_hours
+        if abs(n - round(n)) > 1e-9:
+            before = c.time_hours + math.floor(n) * c.step_hours
+            raise ValueError(f"update_until: time {time} h is not a window boundary; the component advances in "
+                             f"windows of {c.step_hours:g} h ({get_time_units_of(c)}): use {before:g} or "
+                             f"{before + c.step_hours:g}")
+        for _ in range(round(n)):
             self.update()
 
     def finalize(self) -> None:
@@ -237,7 +255,13 @@ class WindBmi(Bmi):
         return float(self._comp.cfg.run_hours)
 
     def get_time_units(self) -> str:
-        return "h"
+        """CF time units with the reference date: ``hours since <initial time>`` (start time 0.0)."""
+        return get_time_units_of(self._comp)
+
+    def get_calendar(self) -> str:
+        """The CF calendar of the clock (e.g. ``proleptic_gregorian``), as the initial condition's time axis
+        has it; with :meth:`get_time_units` a coupler turns any time into a date with ``cftime.num2date``."""
+        return str(self._comp.calendar)
 
     def get_time_step(self) -> float:
         return float(self._comp.step_hours)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +23,7 @@ from safetensors.numpy import load_file as np_load_file
 from safetensors.numpy import save_file as np_save_file
 
 from wind_bmi.config import BmiConfig, to_dict
+from wind_bmi.data import shipped_sample_path
 from wind_bmi.data.layouts import LayoutError, open_any
 from wind_bmi.data.windows import Channel, stack_channels
 from wind_bmi.model.checkpoint import CheckpointError, load_prior
@@ -33,14 +33,9 @@ from wind_bmi.model.tasks import Constraint, WindModel
 if TYPE_CHECKING:  # scipy (via the regridder) registers a warnings filter on import: load it only when used
     from wind_bmi.coupling.regrid import LatLonGrid, Regridder
 
-SAMPLE_NAME = "sample_speedy_t31.nc"
 STATE_VARIABLES = ("temperature", "u_wind", "v_wind", "specific_humidity", "surface_pressure", "precipitation")
 DEFAULT_OBS_ERROR = {"temperature": 0.5, "u_wind": 1.0, "v_wind": 1.0, "specific_humidity": 2e-4,
                      "surface_pressure": 100.0, "precipitation": 2e-5}
-
-
-def shipped_sample_path() -> Path:
-    return Path(str(resources.files("wind_bmi") / "data" / SAMPLE_NAME))
 
 
 class ComponentError(ValueError):
@@ -53,7 +48,6 @@ class PendingInputs:
 
     observed: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # variable -> (K,H,W)|(H,W), NaN = none
     coarse: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
-    host: list[tuple[Any, np.ndarray, np.ndarray, str]] = dataclasses.field(default_factory=list)
     host_grid: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # variable -> host (nlat, nlon)
 
 
@@ -250,9 +244,6 @@ class WindComponent:
     def set_coarse(self, variable: str, values: np.ndarray) -> None:
         self.pending.coarse[variable] = values.copy()
 
-    def add_host_observation(self, operator_rows: Any, y: np.ndarray, sigma: np.ndarray, variable: str) -> None:
-        self.pending.host.append((operator_rows, y.copy(), sigma.copy(), variable))
-
     def set_state(self, variable: str, values: np.ndarray) -> None:
         """Replace the newest clean frame of ``variable`` in every member (e.g. a host analysis)."""
         chans = self.channel_slice(variable)
@@ -292,15 +283,6 @@ class WindComponent:
                                               torch.tensor(chans))
             obs.append(Observation(op, ynorm.reshape(1, -1).expand(M, -1),
                                    var_n[:, None].expand(-1, (H // k) * (W // k)).reshape(1, -1)))
-        for op_factory, y, sigma, var in self.pending.host:
-            chan = self.channel_slice(var)
-            if len(chan) != 1:
-                raise ComponentError(f"host observations need a single-level variable or one level; {var!r} has "
-                                     f"{len(chan)}")
-            op = op_factory(last, chan[0])
-            yn = (torch.from_numpy(y).double() - self.model.mean[chan[0]]) / self.model.std[chan[0]]
-            vn = (torch.from_numpy(sigma).double() / self.model.std[chan[0]]) ** 2
-            obs.append(Observation(op, yn.float()[None].expand(M, -1), vn.float()[None]))
         obs += self._host_grid_observations(last)
         return obs
 

@@ -64,17 +64,9 @@ class ModelConfig:
         frames: window length T.
         pole_flip_winds: negate the wind components (``variables.VECTOR_VARIABLES``) in the first conv's
             pole-crossing halo, where their local axes reverse (needs ``in_patch: 1``).
-        lat_input: give the first conv ``sin(lat)`` and ``cos(lat)`` as two static input channels, so
-            the convolutions can differ by latitude (the polar rows; see the README's prior notes).
         temporal_mix: mix the frames at every pixel after each conv stage (``network.FrameMix``), so
             a clean context frame's detail reaches the generated frames at full resolution, not only
             through the coarse transformer.
-        persistence_anomaly: the network sees each noisy frame that follows a clean frame as its
-            departure from the newest clean frame (``z - alpha_t x_p``) and estimates that departure
-            (``denoiser.network_estimate``): a forecast starts from persistence, not from the
-            climatological state. A fixed change of variables: the network is still told no levels.
-        persistence_weight: ``one`` (the full departure) or ``sigma2``: the shift is ``sigma_t^2 x_p``,
-            persistence at high noise fading to none at low noise.
     """
 
     channels: tuple[int, ...] = (64, 128, 256)
@@ -86,14 +78,7 @@ class ModelConfig:
     in_patch: int = 2
     frames: int = 5
     pole_flip_winds: bool = False
-    lat_input: bool = False
-    persistence_anomaly: bool = False
     temporal_mix: bool = False
-    persistence_weight: str = "one"
-
-    def __post_init__(self) -> None:
-        if self.persistence_weight not in ("one", "sigma2"):
-            raise ValueError(f"model.persistence_weight must be 'one' or 'sigma2', got {self.persistence_weight!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,12 +107,6 @@ class TrainConfig:
         bf16: bf16 autocast (AMX on CPU), fp32 master weights.
         val_windows: validation windows evaluated per noise band.
         seed: base seed of data order, noise and initialisation.
-        lat_weight_floor: lower bound of the per-row loss weight (area weights have mean 1); 0 = pure
-            area weights, 1 = every grid row weighs the same (the cells near the poles included).
-        latitude_offset: centre the network's input per latitude (zonal-time mean of each channel and
-            row of the training years, stored in the card's normalisation as ``lat_offset``); the data
-            and all operators keep the per-channel normalisation. A prior fine-tuned with
-            ``init_from`` keeps its own normalisation (offset or none) whatever this says.
         band_limit_eps: fit the data's zonal band limit (per channel and row, the zonal wavenumbers whose
             mean variance exceeds this, normalised units; see ``wind_bmi.model.bandlimit``) on the
             training years, store it in the card and train the projected estimate; None = no band
@@ -159,8 +138,6 @@ class TrainConfig:
     bf16: bool = True
     val_windows: int = 64
     seed: int = 0
-    lat_weight_floor: float = 0.0
-    latitude_offset: bool = False
     band_limit_eps: float | None = None
     init_from: str | None = None
     model: ModelConfig = ModelConfig()
@@ -184,7 +161,6 @@ class GuidanceConfig:
 
     method: str = "mmps"
     cg_iterations: int = 1
-    dps_scale: float = 1.0
     gamma_max: float | None = 10.0
 
 
@@ -272,11 +248,6 @@ class AssimilationConfig:
     seed: int = 0
     moving: bool = False  # stations move every cycle
     level_index: int = -1  # -1: all levels observed at the station cells
-    silent_rank: int = -1  # fault injection for tests: this rank has no observations
-    fail_rank: int = -1  # fault injection for tests: this rank raises drawing its observations in the 2nd cycle
-    fail_update_rank: int = -1  # fault injection for tests: this rank's window update raises in the 2nd cycle
-    outside_grid: int = 0  # fault injection: observations with indices beyond the grid
-    duplicates: int = 0  # fault injection: observations repeated
     kind: str = "assimilate"
 
 

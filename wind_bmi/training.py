@@ -23,11 +23,11 @@ from wind_bmi.config import TrainConfig, to_dict
 from wind_bmi.data.windows import Channel, Normalisation, Splits, WindowDataset, build_splits, load_years
 from wind_bmi.model.bandlimit import ZonalBandLimit
 from wind_bmi.model.checkpoint import Prior, load_prior, save_prior, write_card
-from wind_bmi.model.denoiser import fast_bf16, persistence_mode
+from wind_bmi.model.denoiser import fast_bf16
 from wind_bmi.model.network import UViT, count_parameters
 from wind_bmi.model.physics import latitude_weights
 from wind_bmi.model.schedule import CosineVPSchedule
-from wind_bmi.model.train import Trainer, TrainSettings, hardware_description, loss_latitude_weights
+from wind_bmi.model.train import Trainer, TrainSettings, hardware_description
 from wind_bmi.variables import VECTOR_VARIABLES
 
 
@@ -50,19 +50,13 @@ def batch_fn(ds: WindowDataset) -> Any:
     return get
 
 
-def network_for(cfg: TrainConfig, variables: list[str], grid: tuple[int, int],
-                lat: Sequence[float] | None = None) -> UViT:
-    """The UViT of ``cfg.model`` over channels whose variables are ``variables`` (one per channel).
-
-    ``lat``: the grid's row latitudes, required when ``cfg.model.lat_input``.
-    """
+def network_for(cfg: TrainConfig, variables: list[str], grid: tuple[int, int]) -> UViT:
+    """The UViT of ``cfg.model`` over channels whose variables are ``variables`` (one per channel)."""
     m = cfg.model
     vector = tuple(i for i, v in enumerate(variables) if v in VECTOR_VARIABLES) if m.pole_flip_winds else ()
-    if m.lat_input and lat is None:
-        raise ValueError("model.lat_input needs the grid's latitudes")
     return UViT(len(variables), m.frames, grid, channels=m.channels, blocks_per_stage=m.blocks_per_stage, dim=m.dim,
                 depth=m.depth, heads=m.heads, patch=m.patch, in_patch=m.in_patch, vector_channels=vector,
-                lat_deg=lat if m.lat_input else None, temporal_mix=m.temporal_mix)
+                temporal_mix=m.temporal_mix)
 
 
 def check_init(prior: Prior, cfg: TrainConfig, splits: Splits, net: UViT) -> None:
@@ -205,19 +199,16 @@ def run_training(cfg: TrainConfig, data: str | None = None, out: str | None = No
         init = load_prior(cfg.init_from) if cfg.init_from else None
         norm = Normalisation.from_dict(init.card["normalisation"]) if init else None
         splits = build_splits(paths, cfg.variables, cfg.train_years, cfg.val_years, (), T=cfg.model.frames,
-                              norm=norm, per_latitude=cfg.latitude_offset)
+                              norm=norm)
         grid = (len(splits.lat), len(splits.lon))
         torch.manual_seed(cfg.seed)
-        net = network_for(cfg, [c.variable for c in splits.channels], grid, [float(v) for v in splits.lat])
+        net = network_for(cfg, [c.variable for c in splits.channels], grid)
         if init is not None:
             check_init(init, cfg, splits, net)
             # check_init let only grown mixers differ; they keep their identity init (EMA copies all)
             net.load_state_dict(init.net.state_dict(), strict=False)
         sched = CosineVPSchedule(cfg.schedule.a_min, cfg.schedule.s_min)
-        latw = loss_latitude_weights(latitude_weights(torch.tensor(np.array(splits.lat, dtype=np.float64))),
-                                     cfg.lat_weight_floor)
-        lo = splits.norm.lat_offset
-        offset = None if lo is None else torch.from_numpy(lo).float()
+        latw = latitude_weights(torch.tensor(np.array(splits.lat, dtype=np.float64))).float()
         band = init.band_limit if init is not None else None  # a fine-tuned prior keeps its own
         if band is None and cfg.band_limit_eps is not None:
             band = ZonalBandLimit.fit(splits.train.frames, cfg.band_limit_eps)
@@ -229,8 +220,7 @@ def run_training(cfg: TrainConfig, data: str | None = None, out: str | None = No
                   "training in fp32", file=sys.stderr)
             settings = dataclasses.replace(settings, bf16=False)
         trainer = Trainer(net, sched, settings, batch_fn(splits.train), len(splits.train),
-                          batch_fn(splits.val), len(splits.val), latw, cfg.out, dev, offset, band,
-                          persistence=persistence_mode(to_dict(cfg.model)))
+                          batch_fn(splits.val), len(splits.val), latw, cfg.out, dev, band)
         if resume and (Path(cfg.out) / "train_state.json").exists():
             trainer.load_state()
         val = trainer.fit(max_steps=max_steps, max_minutes=max_minutes, progress=progress)

@@ -48,15 +48,12 @@ VARIABLES: dict[str, Variable] = {
         Variable("geopotential", "m2 s-2", "geopotential on sigma levels", "geopotential",
                  "atmosphere_air__geopotential", True, "geopotential"),
         Variable("surface_pressure", "Pa", "surface air pressure", "surface_air_pressure",
-                 "land_surface_air__pressure", False, "normalized_surface_pressure", 1e5),
+                 "atmosphere_bottom_air__pressure", False, "normalized_surface_pressure", 1e5),
         Variable("precipitation", "kg m-2 s-1", "total precipitation flux (instantaneous)",
                  "precipitation_flux", "atmosphere_water_precipitation__leq_volume_flux", False,
                  "surface_exchange.precipitation"),
     )
 }
-
-DEFAULT_CHANNEL_VARIABLES = ("u_wind", "v_wind", "temperature", "specific_humidity",
-                             "surface_pressure", "precipitation")
 
 #: Eastward/northward vector components, in project names (SPEEDY and the ERA5 layouts' 10-m winds):
 #: their local axes reverse across a pole, so the network's pole-crossing halo negates them.

@@ -57,36 +57,24 @@ def stack_channels(ds: xr.Dataset, channels: Sequence[Channel]) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class Normalisation:
-    """Per-channel affine normalisation ``x_norm = (x - mean) / std``, plus an optional latitude offset.
+    """Per-channel affine normalisation ``x_norm = (x - mean) / std``.
 
     Precipitation is heavy-tailed; it is normalised like the others (the prior learns the
     tail), which keeps the map affine and the operators' units simple.
-
-    ``lat_offset`` ``(C, H)`` (normalised units) is the zonal-time mean of each channel and row of
-    the training years minus the channel mean: ``(m[c, lat] - mean[c]) / std[c]``. The data and every
-    operator stay in the per-channel space; the denoiser subtracts the offset (scaled by each frame's
-    ``alpha``) before the network and adds it back after, so the network sees fields centred per
-    latitude (the polar rows otherwise sit 2-3 std -- q 12 std -- from the channel means).
     """
 
     mean: np.ndarray
     std: np.ndarray
-    lat_offset: np.ndarray | None = None
 
     @classmethod
-    def fit(cls, frames: np.ndarray, per_latitude: bool = False) -> Normalisation:
+    def fit(cls, frames: np.ndarray) -> Normalisation:
         """Statistics over ``frames`` of shape ``(N, C, H, W)`` (float64 accumulation)."""
         mean = frames.mean(axis=(0, 2, 3), dtype=np.float64)
         var = np.zeros_like(mean)
-        row_mean = np.zeros(frames.shape[1:3], dtype=np.float64) if per_latitude else None
         for c in range(frames.shape[1]):
-            fc = frames[:, c].astype(np.float64)
-            var[c] = np.mean((fc - mean[c]) ** 2)
-            if row_mean is not None:  # only when asked: one more pass over the training years
-                row_mean[c] = fc.mean(axis=(0, 2))
+            var[c] = np.mean((frames[:, c].astype(np.float64) - mean[c]) ** 2)
         std = np.sqrt(np.maximum(var, 1e-30))
-        offset = None if row_mean is None else (row_mean - mean[:, None]) / std[:, None]
-        return cls(mean.astype(np.float64), std.astype(np.float64), offset)
+        return cls(mean.astype(np.float64), std.astype(np.float64))
 
     def normalise(self, x: np.ndarray) -> np.ndarray:
         shape = (-1, 1, 1)
@@ -97,20 +85,11 @@ class Normalisation:
         return (x * self.std.reshape(shape) + self.mean.reshape(shape)).astype(np.float32)
 
     def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"mean": self.mean.tolist(), "std": self.std.tolist()}
-        if self.lat_offset is not None:
-            d["lat_offset"] = self.lat_offset.tolist()
-        return d
+        return {"mean": self.mean.tolist(), "std": self.std.tolist()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Normalisation:
-        mean = np.asarray(d["mean"], dtype=np.float64)
-        off = d.get("lat_offset")
-        offset = None if off is None else np.asarray(off, dtype=np.float64)
-        if offset is not None and (offset.ndim != 2 or offset.shape[0] != mean.shape[0]):
-            raise ValueError(f"normalisation 'lat_offset': expected (C={mean.shape[0]}, H) values, got shape "
-                             f"{offset.shape}")
-        return cls(mean, np.asarray(d["std"], dtype=np.float64), offset)
+        return cls(np.asarray(d["mean"], dtype=np.float64), np.asarray(d["std"], dtype=np.float64))
 
 
 def select_years(ds: xr.Dataset, years: Sequence[int]) -> xr.Dataset:
@@ -203,22 +182,18 @@ def load_years(paths: Sequence[str | Path], years: Sequence[int], channels: list
 
 def build_splits(paths: Sequence[str | Path], variables: Sequence[str], train_years: Sequence[int],
                  val_years: Sequence[int], test_years: Sequence[int] = (), T: int = 5,
-                 norm: Normalisation | None = None, per_latitude: bool = False) -> Splits:
+                 norm: Normalisation | None = None) -> Splits:
     """Load the splits by calendar year from one or more data folders; statistics from training only
-    (or ``norm``, e.g. a prior's own when fine-tuning it); ``per_latitude`` also fits the latitude
-    offset the denoiser centres the network's input with (see :class:`Normalisation`).
+    (or ``norm``, e.g. a prior's own when fine-tuning it).
 
     A gap between folders (different seeds) is never bridged by a window because the time
     step there differs from the median step.
     """
     train_raw, train_t, channels, ds0 = _load_split(paths, train_years, None, variables)
     if norm is None:
-        norm = Normalisation.fit(train_raw, per_latitude)
+        norm = Normalisation.fit(train_raw)
     elif norm.mean.shape != (train_raw.shape[1],):
         raise ValueError(f"normalisation has {norm.mean.shape[0]} channels, the data {train_raw.shape[1]}")
-    elif norm.lat_offset is not None and norm.lat_offset.shape[1] != train_raw.shape[2]:
-        raise ValueError(f"normalisation 'lat_offset' has {norm.lat_offset.shape[1]} rows, the data "
-                         f"{train_raw.shape[2]} latitudes")
     train = WindowDataset(_norm_frames(norm, train_raw), train_t, T)
     del train_raw
     val_raw, val_t, _, _ = _load_split(paths, val_years, channels, variables)

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from wind_bmi.component import shipped_sample_path
 from wind_bmi.config import SamplerConfig
+from wind_bmi.data import shipped_sample_path
 from wind_bmi.data.layouts import open_any
 from wind_bmi.data.windows import Channel, stack_channels
 from wind_bmi.model.checkpoint import build_network, load_prior

@@ -97,8 +97,7 @@ def run_prior_report(data: str | Path, out: str | Path, card: str | Path | None 
     latw = latw_torch(wm.lat).float()
     report["test_loss_per_band"] = validation_losses(prior.net, lambda idx: torch.from_numpy(windows.batch(idx)),
                                                      len(windows), prior.schedule, latw, 64, True,
-                                                     offset=prior.lat_offset, band_limit=wm.denoiser.band_limit,
-                                                     persistence=prior.persistence_anomaly)
+                                                     band_limit=wm.denoiser.band_limit)
 
     step = max(1, len(windows) // 8)
     sel = torch.from_numpy(windows.batch(list(range(0, len(windows), step))[:8]))
