@@ -33,7 +33,8 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	$(BIN)/pytest -q tests
-	$(BIN)/bmi-test wind_bmi.bmi:WindBmi --config-file=$(CURDIR)/config/bmi_test.yaml --root-dir=$(CURDIR)/tests/bmi_root --quiet
+	$(BIN)/bmi-test wind_bmi:WindBmi --quiet
+	$(BIN)/bmi-test wind_bmi:WindBmi --config-file=$(CURDIR)/config/bmi_test.yaml --root-dir=$(CURDIR)/config --quiet
 
 bench: $(STAMP)
 	$(BIN)/wind-bmi bench --out out/bench

@@ -103,6 +103,18 @@ def component_clock(bmi: Any, name: str) -> Clock:
     return Clock(SECONDS_PER_UNIT[unit], reference)
 
 
+GREGORIAN = {"standard", "gregorian", "proleptic_gregorian"}  # identical after 1582-10-15
+
+
+def _seconds_between(a: Any, b: Any) -> float | None:
+    """``a - b`` in seconds for dates of the same calendar, or of two Gregorian ones; None otherwise."""
+    if a.calendar != b.calendar:
+        if not {a.calendar, b.calendar} <= GREGORIAN:
+            return None
+        a, b = (cftime.datetime(*d.timetuple()[:6], calendar="proleptic_gregorian") for d in (a, b))
+    return float((a - b).total_seconds())
+
+
 def time_unit_seconds(bmi: Any, name: str) -> float:
     return component_clock(bmi, name).seconds_per_unit
 
@@ -226,7 +238,11 @@ class Coupler:
         if len(dated) > 1:
             first_name, first = next(iter(dated.items()))
             for n, d in dated.items():
-                if abs((d - first).total_seconds()) > 1.0:
+                gap = _seconds_between(d, first)
+                if gap is None:
+                    raise CouplerError(f"component {n!r} uses the {d.calendar!r} calendar and component "
+                                       f"{first_name!r} the {first.calendar!r} calendar: their dates cannot be matched")
+                if abs(gap) > 1.0:
                     raise CouplerError(f"component {n!r} is at {d} but component {first_name!r} at {first}: "
                                        f"their clocks must show the same date to be coupled")
         self.start_date = next(iter(dated.values()), None)

@@ -12,6 +12,7 @@ from helpers import write_bmi_config, write_dataset
 from wind_bmi import WindBmi
 from wind_bmi.bmi import VARIABLE_TABLE
 from wind_bmi.config import ConfigError
+from wind_bmi.data.layouts import open_any
 
 T_NAME = "atmosphere_air__temperature"
 T_OBS = "atmosphere_air__observed_temperature"
@@ -38,7 +39,7 @@ def make(cfg: Path, **over: object) -> WindBmi:
 
 def test_update_advances_one_window_and_ptr_keeps_identity(bmi_config: Path) -> None:
     b = make(bmi_config)
-    assert b.get_start_time() == 0.0 and b.get_time_units() == "h" and b.get_time_step() == 24.0
+    assert b.get_start_time() == 0.0 and b.get_time_step() == 24.0
     ptr = b.get_value_ptr(T_NAME)
     before = ptr.copy()
     b.update()
@@ -57,6 +58,30 @@ def test_update_advances_one_window_and_ptr_keeps_identity(bmi_config: Path) -> 
     with pytest.raises(ValueError, match="before the current time"):
         b.update_until(10.0)
     assert isinstance(b.get_current_time(), float) and isinstance(b.get_grid_rank(0), int)
+
+
+def test_time_units_are_cf_with_the_reference_date_and_calendar(bmi_config: Path) -> None:
+    import cftime
+
+    b = make(bmi_config)
+    ds = open_any(b.component.sample_path)
+    start = ds["time"].values[0]  # context_frames 1: time 0 is the first frame
+    units, calendar = b.get_time_units(), b.get_calendar()
+    assert units == f"hours since {start.strftime('%Y-%m-%d %H:%M:%S')}" and calendar == start.calendar
+    b.update()
+    assert cftime.num2date(b.get_current_time(), units, calendar) == ds["time"].values[4]  # +24 h, read by cftime
+
+
+def test_update_until_between_window_boundaries_is_refused_and_changes_nothing(bmi_config: Path) -> None:
+    b = make(bmi_config)
+    b.update()
+    before = b.get_value(T_NAME, np.empty(b.get_grid_size(0))).copy()
+    with pytest.raises(ValueError, match="not a window boundary.*use 24 or 48"):
+        b.update_until(30.0)
+    assert b.get_current_time() == 24.0
+    np.testing.assert_array_equal(b.get_value(T_NAME, np.empty_like(before)), before)
+    b.update_until(48.0)
+    assert b.get_current_time() == 48.0
 
 
 def test_context_frames_set_the_time_step(bmi_config: Path) -> None:

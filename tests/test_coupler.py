@@ -119,3 +119,29 @@ def test_slab_ocean_example_runs(wind_cfg: Path, tmp_path: Path) -> None:
     history = EX["main"]([str(wind_cfg), "--days", "2", "--out", str(tmp_path / "out")])
     assert len(history) == 2 and (tmp_path / "out" / "coupling.json").exists()
     assert all(np.isfinite(v) for rec in history for v in rec.values())
+
+
+def test_coupler_reads_cf_since_units_and_converts_between_clocks(wind_cfg: Path, tmp_path: Path) -> None:
+    """A host on an ERA5-style clock (``hours since 1900-01-01 00:00:0.0``, its own reference date and
+    numbers) couples with WIND (``hours since <its start>``) when both stand at the same date; the
+    coupler steps each by its own clock and refuses clocks that disagree on the date."""
+    import cftime
+
+    wind, ocean = pair(wind_cfg, tmp_path)
+    start = cftime.num2date(wind.get_current_time(), wind.get_time_units(), wind.get_calendar())
+    era5_units = "hours since 1900-01-01 00:00:0.0"
+    hours_since_1900 = cftime.date2num(start, era5_units, calendar="proleptic_gregorian")
+    ocean.time = hours_since_1900 / 24.0  # the slab ocean's own clock counts days
+    ocean.get_time_units = lambda: "days since 1900-01-01 00:00:0.0"  # type: ignore[method-assign]
+    coupler = Coupler({"wind": wind, "ocean": ocean}, [], interval_seconds=86400.0)
+    coupler.run(2 * 86400.0)
+    assert wind.get_current_time() == 48.0
+    assert ocean.time == pytest.approx(hours_since_1900 / 24.0 + 2.0)
+    when = {n: coupler.clock[n].date_at(c.get_current_time()) for n, c in coupler.components.items()}
+    assert when["wind"].strftime("%Y-%m-%d %H:%M:%S") == when["ocean"].strftime("%Y-%m-%d %H:%M:%S")  # same date
+    ocean.time += 0.25  # six hours apart: refused, naming both dates
+    with pytest.raises(CouplerError, match="must show the same date"):
+        Coupler({"wind": wind, "ocean": ocean}, [], interval_seconds=86400.0)
+    ocean.get_time_units = lambda: "days since the big bang"  # type: ignore[method-assign]
+    with pytest.raises(CouplerError, match="not CF time units"):
+        Coupler({"wind": wind, "ocean": ocean}, [], interval_seconds=86400.0)

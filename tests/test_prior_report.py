@@ -35,8 +35,12 @@ def test_prior_report_rolls_out_several_members(tiny_model: Path, tiny_data: Pat
     with pytest.raises(ValueError, match="rollout_members"):
         run_prior_report(tiny_data / "val", tmp_path / "bad", card=card, rollout_members=0)
     assert not (tmp_path / "bad").exists()
+    before = card.read_bytes()
     rep = run_prior_report(tiny_data / "val", tmp_path / "rep", card=card, samples=2, rollout_days=3.0,
                            rollout_members=3)
+    assert card.read_bytes() == before  # an evaluation never rewrites the card unless asked to
+    run_prior_report(tiny_data / "val", tmp_path / "rep", card=card, samples=2, rollout_days=3.0,
+                     rollout_members=3, update_card=True)
     r = rep["rollout"]
     assert r["members"] == 3 and r["finite"]
     assert len(r["member_max_abs_diff_to_truth_K"]) == 3

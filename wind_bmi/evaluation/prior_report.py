@@ -75,7 +75,7 @@ def context_use(denoise: Any, schedule: Any, windows: torch.Tensor, t: float,
 def run_prior_report(data: str | Path, out: str | Path, card: str | Path | None = None, samples: int = 8,
                      rollout_days: float = 60.0, steps: int | None = None, history: str | Path | None = None,
                      rollout_members: int = 4, rollout_seed: int = 1,
-                     update_card: bool = True, band_limit: bool = True) -> dict[str, Any]:
+                     update_card: bool = False, band_limit: bool = True) -> dict[str, Any]:
     if rollout_members < 1:
         raise ValueError(f"rollout_members must be >= 1, got {rollout_members}")
     out = Path(out)
