@@ -98,7 +98,7 @@ def station_indices(cells: np.ndarray, n_levels: int, level_index: int, plane: i
 def _bmi_config(cfg: AssimilationConfig, members: int, seed: int, truth: str, start: str, out: Path) -> Path:
     d = {"kind": "bmi", "model": cfg.model, "members": members, "seed": seed, "context_frames": 4, "initial_condition": truth,
          "start_time": start, "sampler": {"steps": cfg.steps, "eta": 1.0},
-         "guidance": {"method": "mmps", "cg_iterations": cfg.cg_iterations, "gamma_max": cfg.gamma_max},
+         "guidance": {"method": "mmps", "iterations": cfg.iterations},
          "observation_error": observed_variables(cfg), "run_hours": 6.0 * cfg.cycles}
     path = out / f".bmi_rank_config_{seed}.yaml"
     path.write_text(yaml.safe_dump(d))

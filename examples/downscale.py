@@ -6,7 +6,7 @@ by WindBmi must average back to it while carrying fine-scale structure from the 
     python examples/downscale.py [CONFIG.yaml]
 
 A dense observation like this is fitted tightly only with a few CG iterations in the MMPS solve
-(``guidance: {cg_iterations: 3}`` in CONFIG): with the shipped prior, 4 DDPM steps and 2 members the
+(``guidance: {iterations: 3}`` in CONFIG): with the shipped prior, 4 DDPM steps and 2 members the
 pool-back RMSE was 1.16 K with 1 iteration and 0.27 K with 3.
 """
 

@@ -66,7 +66,7 @@ class PriorDenoiser(nn.Module):
     """
 
     def __init__(self, net: nn.Module, schedule: CosineVPSchedule, bf16: bool | None = False,
-                 band_limit: ZonalBandLimit | None = None) -> None:
+                 band_limit: ZonalBandLimit | None = None, lower_bounds: Tensor | None = None) -> None:
         super().__init__()
         self.net = net
         self.schedule = schedule
@@ -75,18 +75,32 @@ class PriorDenoiser(nn.Module):
             bf16 = fast_bf16(param.device if param is not None else "cpu")
         self.bf16 = bf16
         self.band_limit = band_limit
+        self.lower_bounds = lower_bounds
 
     def forward(self, z: Tensor, t: Tensor) -> Tensor:
-        x_hat = network_estimate(self.net, z, self.bf16, self.band_limit)
+        x_hat = self.bound(network_estimate(self.net, z, self.bf16, self.band_limit))
         clean = (t == 0)[..., None, None, None]
         return torch.where(clean, z, x_hat)
 
-    def project(self, x: Tensor, t: Tensor) -> Tensor:
-        """Project the noisy frames of an estimate (e.g. a guided one) onto the band limit; clean frames kept."""
-        if self.band_limit is None:
+    def bound(self, x: Tensor) -> Tensor:
+        """Raise channels with a physical lower bound (humidity, precipitation: 0) to it, ``(..., C, H, W)``.
+
+        ``E[x | z]`` of a non-negative variable is non-negative, so clipping an estimate at the bound is
+        the projection onto a convex set that holds the truth: it can only bring the estimate closer
+        to it, cell by cell. Applied after the band limit (the final word on the sign)."""
+        if self.lower_bounds is None:
             return x
+        lo = self.lower_bounds.to(x.device, x.dtype)[:, None, None]
+        return torch.maximum(x, lo)
+
+    def project(self, x: Tensor, t: Tensor) -> Tensor:
+        """Project the noisy frames of an estimate (e.g. a guided one) onto the band limit and the
+        physical bounds; clean frames kept."""
+        if self.band_limit is None and self.lower_bounds is None:
+            return x
+        y = x if self.band_limit is None else self.band_limit(x)
         clean = (t == 0)[..., None, None, None]
-        return torch.where(clean, x, self.band_limit(x))
+        return torch.where(clean, x, self.bound(y))
 
 
 class GaussianDenoiser:

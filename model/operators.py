@@ -28,11 +28,21 @@ class Observation:
         A: operator ``(B, T, C, H, W) -> (B, M)``.
         y: observed values ``(B, M)`` or ``(M,)`` (broadcast over the batch).
         cov_y: observation-error variances ``(M,)``, ``(B, M)`` or a scalar.
+        name: what it observes, for reports (e.g. ``observed temperature``).
     """
 
     A: Operator
     y: Tensor
     cov_y: Tensor | float
+    name: str = ""
+    exact: Tensor | None = None  # bool (M,): entries the solver treats exactly (a stack's few constraints)
+
+    def whitened_residual(self, x: Tensor) -> Tensor:
+        """``sqrt(mean_i ((A(x)_i - y_i)^2 / cov_y_i))`` per batch row ``(B,)``: 1 means "fits to its error"."""
+        with torch.no_grad():
+            out = self.A(x).double()
+            r = (out - self.target(out)) ** 2 / self.variances(out)
+        return r.mean(dim=1).sqrt()
 
     def variances(self, like: Tensor) -> Tensor:
         c = torch.as_tensor(self.cov_y, dtype=like.dtype, device=like.device)
@@ -230,11 +240,15 @@ class CompositeOperator:
     def __call__(self, x: Tensor) -> Tensor:
         return torch.cat([o.A(x) for o in self.observations], dim=1)
 
-    def observation(self, batch: int, like: Tensor) -> Observation:
-        """The stacked :class:`Observation` for a batch of ``batch`` members."""
-        ys, covs = [], []
+    def observation(self, batch: int, like: Tensor, exact_max: int = 16) -> Observation:
+        """The stacked :class:`Observation` for a batch of ``batch`` members. Entries of observations with
+        at most ``exact_max`` entries (constraints: area means, dry air mass) are marked ``exact``."""
+        ys, covs, exact = [], [], []
         for o in self.observations:
             out = o.A(like)
             ys.append(o.target(out))
             covs.append(o.variances(out))
-        return Observation(self, torch.cat(ys, dim=1).expand(batch, -1), torch.cat(covs, dim=1).expand(batch, -1))
+            exact.append(torch.full((out.shape[1],), out.shape[1] <= exact_max, dtype=torch.bool))
+        names = ", ".join(o.name or "operator" for o in self.observations)
+        return Observation(self, torch.cat(ys, dim=1).expand(batch, -1), torch.cat(covs, dim=1).expand(batch, -1),
+                           names, torch.cat(exact))

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from wind_bmi.model.checkpoint import Prior
 from wind_bmi.model.denoiser import PriorDenoiser
-from wind_bmi.model.guidance import GAMMA_MAX, check_gamma_max, guided
+from wind_bmi.model.guidance import guided
 from wind_bmi.model.operators import (
     AreaMeanOperator,
     AveragePoolOperator,
@@ -39,23 +39,23 @@ class WindModel:
         bf16: autocast the network to bfloat16; None: where that is fast on ``device`` (AMX/AVX-512
             BF16 CPUs, CUDA; :func:`wind_bmi.model.denoiser.fast_bf16`), fp32 elsewhere.
         steps, eta: sampler defaults (reverse steps, DDIM 0 .. DDPM 1).
-        method, cg_iterations: guidance defaults (``mmps`` | ``dps``).
-        gamma_max: guidance default: frames noisier than ``Gamma = sigma^2 / alpha > gamma_max`` take
-            the prior's estimate unguided (:data:`wind_bmi.model.guidance.GAMMA_MAX`; None guides all).
+        method, iterations, solver: guidance defaults (``mmps`` | ``dps``; GMRES iterations; ``auto`` |
+            ``gmres`` | ``direct``, :mod:`wind_bmi.model.solvers`).
         band_limit: project estimates onto the card's zonal band limit when it has one (False: the
             network's raw estimates, for ablations).
     """
 
     def __init__(self, prior: Prior, device: str | torch.device = "cpu", bf16: bool | None = False, steps: int = 32,
-                 eta: float = 1.0, method: str = "mmps", cg_iterations: int = 1, band_limit: bool = True,
-                 gamma_max: float | None = GAMMA_MAX) -> None:
+                 eta: float = 1.0, method: str = "mmps", iterations: int = 3, band_limit: bool = True,
+                 solver: str = "auto") -> None:
         self.prior = prior
         self.device = torch.device(device)
         prior.net.to(self.device)
         card = prior.card
         self.card = card
         self.denoiser = PriorDenoiser(prior.net, prior.schedule, bf16=bf16,
-                                      band_limit=prior.band_limit if band_limit else None)
+                                      band_limit=prior.band_limit if band_limit else None,
+                                      lower_bounds=_normalised_lower_bounds(prior.card))
         self.schedule = prior.schedule
         self.T = int(card["architecture"]["frames"])
         self.channels: list[tuple[str, float | None]] = [(c["variable"], c["level"]) for c in card["channels"]]
@@ -66,8 +66,8 @@ class WindModel:
         self.lon = torch.tensor(card["grid"]["lon"], dtype=torch.float64)
         self.H, self.W = self.lat.numel(), self.lon.numel()
         self.levels = [float(v) for v in card.get("levels", [])]
-        self.steps, self.eta, self.method, self.cg_iterations = steps, eta, method, cg_iterations
-        self.gamma_max = check_gamma_max(gamma_max)
+        self.steps, self.eta, self.method, self.iterations, self.solver = steps, eta, method, iterations, solver
+        self.report: list[dict[str, Any]] = []
 
     # -- channels and units -------------------------------------------------------
     def channel_index(self, variable: str, level: float | None = None) -> int:
@@ -108,23 +108,44 @@ class WindModel:
     # -- the one sampling primitive ------------------------------------------------
     def sample(self, context: Tensor, context_mask: Tensor, observations: Sequence[Observation] = (),
                generator: torch.Generator | None = None, steps: int | None = None, eta: float | None = None,
-               method: str | None = None, cg_iterations: int | None = None) -> Tensor:
+               method: str | None = None, iterations: int | None = None, solver: str | None = None) -> Tensor:
         """Sample windows in *normalised* units given clean context frames and observations.
 
         Args:
             context: ``(B, T, C, H, W)`` normalised; non-context frames ignored.
             context_mask: bool ``(T,)``.
             observations: observations on normalised windows, stacked if several.
+
+        Afterwards :attr:`report` says how well the result honours each observation
+        (:meth:`guidance_report`).
         """
         fn = None
         if observations:
             obs = observations[0] if len(observations) == 1 else \
                 CompositeOperator(observations).observation(context.shape[0], context)
-            fn = guided(method or self.method, self.denoiser, obs, cg_iterations or self.cg_iterations,
-                        gamma_max=self.gamma_max)
-        return sample_window(self.denoiser, self.schedule, context.to(self.device), context_mask,
-                             steps=steps or self.steps, eta=self.eta if eta is None else eta,
-                             generator=generator, guided=fn)
+            fn = guided(method or self.method, self.denoiser, obs, iterations or self.iterations,
+                        solver=solver or self.solver)
+        x = sample_window(self.denoiser, self.schedule, context.to(self.device), context_mask,
+                          steps=steps or self.steps, eta=self.eta if eta is None else eta,
+                          generator=generator, guided=fn)
+        x = self.denoiser.bound(x)  # the last step's small noise must not undo the physical bounds
+        self.report = self.guidance_report(x, observations, getattr(fn, "residuals", None))
+        return x
+
+    def guidance_report(self, x: Tensor, observations: Sequence[Observation],
+                        solver_residuals: Tensor | None = None) -> list[dict[str, Any]]:
+        """Per observation: its name, the number of entries and the whitened residual
+        ``sqrt(mean((A(x) - y)^2 / sigma_y^2))`` of the windows ``x``, averaged over members in the square
+        (1: fits to its error; below 2 is the target); with the solver's relative residual history of
+        the last guided step when given."""
+        report = []
+        for i, o in enumerate(observations):
+            r = o.whitened_residual(x.to(self.device))
+            report.append({"name": o.name or f"operator {i}", "entries": int(o.A(x[:1]).shape[1]),
+                           "whitened_residual": float(r.pow(2).mean().sqrt())})
+        if report and solver_residuals is not None:
+            report[0]["last_step_solver_residuals"] = [float(v) for v in solver_residuals.mean(dim=0)]
+        return report
 
     # -- tasks -----------------------------------------------------------------
     def forecast(self, initial: Tensor, lead_hours: float, members: int, generator: torch.Generator | None = None,
@@ -189,18 +210,22 @@ class WindModel:
         y = self.normalise(coarse).reshape(1, -1).expand(members, -1)
         var = self._channel_var(sigma_y, (self.T, self.C, (self.H // k) * (self.W // k)))
         ctx = torch.zeros(members, self.T, self.C, self.H, self.W, device=self.device)
-        x = self.sample(ctx, torch.zeros(self.T, dtype=torch.bool), [Observation(op, y, var)], generator, **kw)
+        x = self.sample(ctx, torch.zeros(self.T, dtype=torch.bool), [Observation(op, y, var, "coarse field")],
+                        generator, **kw)
         return self.denormalise(x)
 
     def temporal_downscale(self, means: Tensor, members: int = 1, sigma_y: float | Tensor = 0.0,
-                           generator: torch.Generator | None = None, **kw: Any) -> Tensor:
-        """Windows whose frame mean equals ``means`` (physical ``(C, H, W)``, e.g. a daily mean)."""
+                           generator: torch.Generator | None = None, frames: Sequence[int] | None = None,
+                           **kw: Any) -> Tensor:
+        """Windows whose mean over ``frames`` (default all) equals ``means`` (physical ``(C, H, W)``, e.g.
+        the daily mean of the four 6-hourly frames that make a day); returns ``(members, T, C, H, W)``."""
         self._check(means, "means")
-        op = TemporalMeanOperator(range(self.T))
+        op = TemporalMeanOperator(range(self.T) if frames is None else frames)
         y = self.normalise(means).reshape(1, -1).expand(members, -1)
         var = self._channel_var(sigma_y, (self.C, self.H * self.W))
         ctx = torch.zeros(members, self.T, self.C, self.H, self.W, device=self.device)
-        x = self.sample(ctx, torch.zeros(self.T, dtype=torch.bool), [Observation(op, y, var)], generator, **kw)
+        x = self.sample(ctx, torch.zeros(self.T, dtype=torch.bool), [Observation(op, y, var, "frame mean")],
+                        generator, **kw)
         return self.denormalise(x)
 
     def reconstruct(self, observations: Tensor, members: int = 1, sigma_y: float | Tensor = 0.0,
@@ -217,7 +242,8 @@ class WindModel:
         ch = torch.arange(self.C)[None, :, None, None].expand_as(mask)[mask]
         var = self._sigma_at(sigma_y, ch)
         ctx = torch.zeros(members, self.T, self.C, self.H, self.W, device=self.device)
-        x = self.sample(ctx, torch.zeros(self.T, dtype=torch.bool), [Observation(op, y, var)], generator, **kw)
+        x = self.sample(ctx, torch.zeros(self.T, dtype=torch.bool), [Observation(op, y, var, "sparse observations")],
+                        generator, **kw)
         return self.denormalise(x)
 
     # -- constraints -------------------------------------------------------------
@@ -242,7 +268,7 @@ class WindModel:
         def build(window: Tensor, mask: Tensor) -> Observation:
             frames = [f for f in range(self.T) if not bool(mask[f])]
             op = self.dry_air_mass_operator(frames, m_ref)
-            return Observation(op, torch.ones(1, len(frames), device=self.device), rel_error**2)
+            return Observation(op, torch.ones(1, len(frames), device=self.device), rel_error**2, "dry air mass")
 
         return build
 
@@ -254,27 +280,81 @@ class WindModel:
         def build(window: Tensor, mask: Tensor) -> Observation:
             frames = [f for f in range(self.T) if not bool(mask[f])]
             op = AreaMeanOperator(chans, frames, self.lat, self.W, self.mean, self.std, region)
-            return Observation(op, torch.tensor([[target]], device=self.device), error**2)
+            return Observation(op, torch.tensor([[target]], device=self.device), error**2, f"area-mean {variable}")
 
         return build
 
+    def warming_observations(self, control: Tensor, mask: Tensor, delta_t: float, humidity_percent: float,
+                             region: Tensor | None = None, t_error: float = 0.002,
+                             q_rel_error: float = 0.0002) -> list[Observation]:
+        """Warming targets for one window, relative to a control window of the same run without them.
+
+        Pseudo-global warming: the guided window's area-mean temperature over its generated frames (all
+        levels) must be the control's plus ``delta_t`` K, and its area-mean specific humidity the
+        control's times ``1 + humidity_percent / 100`` (Clausius-Clapeyron: about 7 %/K), member by
+        member. Errors: ``t_error`` K and ``q_rel_error`` of the control's mean (a target met to 2
+        sigma is within 0.1 K and 1 % of its value).
+
+        Args:
+            control: normalised ``(B, T, C, H, W)``: the control window (same context, same noise, no
+                warming).
+            mask: bool ``(T,)``, the context frames.
+        """
+        frames = [f for f in range(self.T) if not bool(mask[f])]
+        out = []
+        for var, name in (("temperature", "warming: area-mean temperature"),
+                          ("specific_humidity", "warming: area-mean humidity")):
+            op = AreaMeanOperator(self.channels_of(var), frames, self.lat, self.W, self.mean, self.std, region)
+            ref = op(control.to(self.device)).detach()  # (B, 1)
+            if var == "temperature":
+                out.append(Observation(op, ref + delta_t, t_error**2, name))
+            else:
+                out.append(Observation(op, ref * (1 + humidity_percent / 100.0), (q_rel_error * ref) ** 2, name))
+        return out
+
     def warming(self, initial: Tensor, days: float, members: int = 1, delta_t: float = 2.0,
                 humidity_percent: float = 14.0, generator: torch.Generator | None = None,
-                region: Tensor | None = None, **kw: Any) -> Tensor:
-        """Warming scenario: roll out with area-mean T raised by ``delta_t`` K and q by ``humidity_percent`` %.
+                region: Tensor | None = None, constraints: Sequence[Constraint] = (),
+                **kw: Any) -> tuple[Tensor, Tensor]:
+        """Warming scenario against a control: two rollouts from ``initial`` with the same random draws,
+        the second guided in every window to the control's area means plus ``delta_t`` K of temperature
+        and ``humidity_percent`` % of humidity (:meth:`warming_observations`); ``constraints`` apply to
+        both.
 
-        Targets are relative to the initial state's area means; returns ``(members, frames, C, H, W)``.
+        Returns:
+            ``(warm, control)``, each ``(members, frames, C, H, W)`` physical.
         """
         if initial.ndim == 3:
             initial = initial[None]
-        x0 = self.normalise(initial[-1:])[None]
-        t_chans, q_chans = self.channels_of("temperature"), self.channels_of("specific_humidity")
-        t_ref = float(AreaMeanOperator(t_chans, [0], self.lat, self.W, self.mean, self.std, region)(x0))
-        q_ref = float(AreaMeanOperator(q_chans, [0], self.lat, self.W, self.mean, self.std, region)(x0))
-        cons = [self.area_mean_constraint("temperature", t_ref + delta_t, 0.05, region),
-                self.area_mean_constraint("specific_humidity", q_ref * (1 + humidity_percent / 100.0),
-                                          0.005 * q_ref, region)]
-        return self.forecast(initial, days * 24.0, members, generator, 1, cons, **kw)
+        self._check(initial, "initial")
+        n = math.ceil(days * 24.0 / 6.0)
+        g_control = torch.Generator(device=self.device)
+        g_warm = torch.Generator(device=self.device)
+        if generator is not None:
+            g_control.set_state(generator.get_state())
+            g_warm.set_state(generator.get_state())
+        x0 = self.normalise(initial[-1:])[None].expand(members, -1, -1, -1, -1)
+        mask = torch.zeros(self.T, dtype=torch.bool)
+        mask[0] = True
+        hist = {"control": x0[:, -1:], "warm": x0[:, -1:]}
+        out: dict[str, list[Tensor]] = {"control": [], "warm": []}
+        produced = 0
+        while produced < n:
+            wins = {}
+            for name in ("control", "warm"):
+                win = torch.zeros(members, self.T, self.C, self.H, self.W, device=self.device)
+                win[:, :1] = hist[name]
+                wins[name] = win
+            control = self.sample(wins["control"], mask, [c(wins["control"], mask) for c in constraints], g_control, **kw)
+            obs = [c(wins["warm"], mask) for c in constraints]
+            obs += self.warming_observations(control, mask, delta_t, humidity_percent, region)
+            warm = self.sample(wins["warm"], mask, obs, g_warm, **kw)
+            for name, x in (("control", control), ("warm", warm)):
+                out[name].append(x[:, 1:])
+                hist[name] = x[:, -1:]
+            produced += self.T - 1
+        return (self.denormalise(torch.cat(out["warm"], dim=1)[:, :n]),
+                self.denormalise(torch.cat(out["control"], dim=1)[:, :n]))
 
     # -- helpers -----------------------------------------------------------------
     def _channel_var(self, sigma_y: float | Tensor, shape: tuple[int, ...]) -> Tensor:
@@ -290,6 +370,22 @@ class WindModel:
         else:
             std_norm = s / self.std
         return (std_norm[ch] ** 2).float().to(self.device)
+
+
+NON_NEGATIVE = ("specific_humidity", "precipitation", "total_precipitation_6hr")
+
+
+def _normalised_lower_bounds(card: dict[str, Any]) -> Tensor:
+    """Per channel, the normalised value of 0 for variables that cannot be negative (humidity,
+    precipitation), ``-inf`` for the others: ``(C,)``."""
+    mean = torch.tensor(card["normalisation"]["mean"], dtype=torch.float64)
+    std = torch.tensor(card["normalisation"]["std"], dtype=torch.float64)
+    names = [c["variable"] for c in card["channels"]]
+    lower = torch.full((len(names),), float("-inf"), dtype=torch.float64)
+    for i, v in enumerate(names):
+        if v in NON_NEGATIVE:
+            lower[i] = -mean[i] / std[i]
+    return lower.float()
 
 
 def _sigma_thickness(levels: Tensor) -> Tensor:

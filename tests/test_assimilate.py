@@ -103,7 +103,7 @@ def test_two_rank_cycle_assimilates_radiosonde_winds(tmp_path: Path) -> None:
     1e6 Pa) that they carry nothing (same stations, same random draws, same code path)."""
     runs = {}
     for name, (eu, ep) in {"sonde": (1.0, 100.0), "blind": (1000.0, 1e6)}.items():
-        r = _run(tmp_path, name, obs_fraction=0.1, cg_iterations=3, extra_observations={"u_wind": eu, "v_wind": eu,
+        r = _run(tmp_path, name, obs_fraction=0.1, iterations=3, extra_observations={"u_wind": eu, "v_wind": eu,
                                                                         "surface_pressure": ep})
         assert r.returncode == 0, r.stderr[-2000:]
         runs[name] = json.loads((tmp_path / name / "summary.json").read_text())

@@ -124,9 +124,9 @@ def test_denoiser_and_guidance_stay_in_the_band_and_only_gain_from_it() -> None:
         def forward(self, zz: torch.Tensor) -> torch.Tensor:
             return 0.5 * zz + 0.1 * torch.roll(zz, 1, dims=-1)
 
-    post = MMPSDenoiser(PriorDenoiser(Linear(), sched, band_limit=P), obs, cg_iterations=3)(z[:1], t[:1])
+    post = MMPSDenoiser(PriorDenoiser(Linear(), sched, band_limit=P), obs, iterations=3)(z[:1], t[:1])
     torch.testing.assert_close(P(post[:, 1:]), post[:, 1:])
-    post_raw = MMPSDenoiser(PriorDenoiser(Linear(), sched), obs, cg_iterations=3)(z[:1], t[:1])
+    post_raw = MMPSDenoiser(PriorDenoiser(Linear(), sched), obs, iterations=3)(z[:1], t[:1])
     assert not torch.allclose(P(post_raw[:, 1:]), post_raw[:, 1:], atol=1e-4)
 
 

@@ -23,7 +23,7 @@ PS_NAME = "atmosphere_bottom_air__pressure"
 def bmi_config(tiny_model: Path, tmp_path: Path) -> Path:
     ic = write_dataset(tmp_path / "ic", "2002-03-01", 2, seed=5)
     return write_bmi_config(tmp_path / "bmi.yaml", tiny_model, ic, members=3, seed=7, context_frames=1,
-                            guidance={"method": "mmps", "cg_iterations": 1}, run_hours=48.0)
+                            guidance={"method": "mmps", "iterations": 1}, run_hours=48.0)
 
 
 def make(cfg: Path, **over: object) -> WindBmi:
@@ -139,8 +139,8 @@ def test_scalar_targets_and_state_replacement(bmi_config: Path) -> None:
     dam = "atmosphere_dry_air__target_mass"
     assert np.isnan(b.get_value(dam, np.empty(1)))[0]
     # 4 frames x dry mass + 1 temperature mean = 5 observations: 5 CG iterations solve them jointly
-    free = make(bmi_config, guidance={"method": "mmps", "cg_iterations": 5})
-    guided = make(bmi_config, guidance={"method": "mmps", "cg_iterations": 5})
+    free = make(bmi_config, guidance={"method": "mmps", "iterations": 5})
+    guided = make(bmi_config, guidance={"method": "mmps", "iterations": 5})
     target = guided.component.m_ref * 1.002
     guided.set_value(dam, np.array([target]))
     guided.set_value("atmosphere_air__target_mean_temperature_increment", np.array([1.5]))
@@ -235,7 +235,7 @@ def test_bad_inputs_raise_clear_errors_and_leave_state_unchanged(bmi_config: Pat
                               ("initial_condition", str(tmp_path / "none.nc"), "initial_condition"),
                               ("start_time", "1999-01-01", "start_time"),
                               ("context_frames", 5, "context_frames"),
-                              ("guidance", {"method": "mmps", "gamma_max": 0.0}, "guidance.gamma_max")):
+                              ("guidance", {"method": "mmps", "solver": "cg"}, "guidance.solver")):
         bad_cfg = tmp_path / f"bad_{key}.yaml"
         bad_cfg.write_text(yaml.safe_dump({**d, key: value}))
         with pytest.raises(ConfigError, match=match):

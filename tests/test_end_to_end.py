@@ -114,7 +114,7 @@ def test_bench_quick_schema(tmp_path: Path) -> None:
 
 # a tight fit to a dense field needs the CG solve: with 1 iteration downscale.py pools back to 1.16 K
 @pytest.mark.parametrize("script, over", [("host_loop.py", {}), ("assimilate_points.py", {}),
-                                          ("downscale.py", {"guidance": {"cg_iterations": 3}})])
+                                          ("downscale.py", {"guidance": {"iterations": 3}})])
 def test_examples_run(script: str, over: dict[str, object], fast_config: Path, tmp_path: Path,
                       monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = tmp_path / "example.yaml"

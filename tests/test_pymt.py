@@ -27,7 +27,7 @@ def test_metadata_files_exist_and_defaults_match_config() -> None:
         "model": cfg.model, "initial_condition": cfg.initial_condition, "start_time": cfg.start_time,
         "members": cfg.members, "seed": cfg.seed, "context_frames": cfg.context_frames,
         "sampler_steps": cfg.sampler.steps, "sampler_eta": cfg.sampler.eta, "guidance_method": cfg.guidance.method,
-        "cg_iterations": cfg.guidance.cg_iterations, "dry_air_mass": cfg.constraints.dry_air_mass,
+        "iterations": cfg.guidance.iterations, "dry_air_mass": cfg.constraints.dry_air_mass,
         "run_hours": cfg.run_hours, "device": cfg.device,
     }
     assert set(params) == set(flat)

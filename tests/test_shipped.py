@@ -121,7 +121,7 @@ def test_sparse_reconstruction_beats_the_prior_and_honours_observations(wm: Wind
     assert sigma.shape == truth.shape[1:]
 
 
-def test_station_sparse_reconstruction_with_3_cg_iterations_does_not_diverge(wm: WindModel,
+def test_station_sparse_reconstruction_with_3_iterations_does_not_diverge(wm: WindModel,
                                                                              sample: torch.Tensor) -> None:
     # station-like: 5 % of the cells observed in every channel, 2 % of each channel's std, 8 DDIM steps with
     # 3 CG iterations. Guiding the t = 1 step too (gamma_max=None) gave 1.7 (unobserved) here, worse than the
@@ -131,7 +131,7 @@ def test_station_sparse_reconstruction_with_3_cg_iterations_does_not_diverge(wm:
     observed = (torch.rand(truth.shape[0], 1, *truth.shape[2:], generator=g) < 0.05).expand_as(truth)
     obs = torch.where(observed, truth, torch.full_like(truth, float("nan")))
     kw = {"generator": torch.Generator().manual_seed(2), "steps": 8, "eta": 0.0}
-    rec = wm.reconstruct(obs, 1, sigma_y=0.02 * wm.std, cg_iterations=3, **kw)[0]
+    rec = wm.reconstruct(obs, 1, sigma_y=0.02 * wm.std, iterations=3, **kw)[0]
     kw["generator"] = torch.Generator().manual_seed(2)
     prior = wm.reconstruct(torch.where(torch.rand(truth.shape, generator=g) < 1e-4, truth, torch.nan), 1, **kw)[0]
     norm = wm.normalise

@@ -19,6 +19,7 @@ Variables (CSDMS names; see README for the full table):
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +34,8 @@ from wind_bmi.config import BmiConfig, ConfigError, from_dict, load_config
 from wind_bmi.variables import VARIABLES
 
 GRID_3D, GRID_2D, GRID_3D_COARSE, GRID_2D_COARSE, GRID_SCALAR, GRID_MEMBERS_3D, GRID_MEMBERS_2D, GRID_HOST = range(8)
+
+LOG = logging.getLogger("wind_bmi")
 
 BMI_UNITS = {"precipitation": ("m s-1", 1e-3)}  # leq volume flux: kg m-2 s-1 / 1000 kg m-3
 
@@ -75,6 +78,8 @@ def build_variable_table() -> dict[str, VarSpec]:
         table[_twin(info.csdms, "coarse")] = VarSpec(_twin(info.csdms, "coarse"), var, "coarse", gc, units, scale)
     for name, (key, units) in SCALAR_TARGETS.items():
         table[name] = VarSpec(name, key, "scalar", GRID_SCALAR, units)
+    for name, units in DIAGNOSTICS.items():
+        table[name] = VarSpec(name, "whitened_residual", "diagnostic", GRID_SCALAR, units)
     return table
 
 
@@ -89,9 +94,12 @@ def host_variable_table() -> dict[str, VarSpec]:
     return table
 
 
+# diagnostics of the last window (scalar grid): how well the guided window honours what it was told
+DIAGNOSTICS = {"model_guidance__max_of_whitened_residual": "1"}
+
 VARIABLE_TABLE = build_variable_table()
 HOST_VARIABLE_TABLE = host_variable_table()
-OUTPUT_ROLES = ("state", "spread", "members")
+OUTPUT_ROLES = ("state", "spread", "members", "diagnostic")
 INPUT_ROLES = ("state", "observed", "coarse", "scalar", "host_observed")
 
 
@@ -150,6 +158,9 @@ class WindBmi(Bmi):
         c = self._comp
         if spec.role == "scalar":
             return np.array([c.targets[spec.variable]], dtype=np.float64)
+        if spec.role == "diagnostic":  # the largest over the window's operators; NaN after an unguided window
+            values = [r["whitened_residual"] for r in c.report]
+            return np.array([max(values) if values else np.nan], dtype=np.float64)
         if spec.role in ("observed", "coarse", "host_observed"):
             pending = {"observed": c.pending.observed, "coarse": c.pending.coarse,
                        "host_observed": c.pending.host_grid}[spec.role].get(spec.variable)
@@ -179,7 +190,11 @@ class WindBmi(Bmi):
         self._out = {}
 
     def update(self) -> None:
-        self._comp.advance()
+        c = self._comp
+        c.advance()
+        for r in c.report:  # one line per operator: a whitened residual near 1 fits to its error
+            LOG.info("window ending %g h: %s (%d values) whitened residual %.2f", c.time_hours, r["name"],
+                     r["entries"], r["whitened_residual"])
         self._refresh_outputs()
 
     def update_until(self, time: float) -> None:

@@ -27,7 +27,8 @@ from wind_bmi.data import shipped_sample_path
 from wind_bmi.data.layouts import LayoutError, open_any
 from wind_bmi.data.windows import Channel, stack_channels
 from wind_bmi.model.checkpoint import CheckpointError, load_prior
-from wind_bmi.model.operators import AreaMeanOperator, AveragePoolOperator, MaskOperator, Observation, SparseLinearOperator
+from wind_bmi.model.operators import AveragePoolOperator, MaskOperator, Observation, SparseLinearOperator
+from wind_bmi.model.solvers import SOLVERS
 from wind_bmi.model.tasks import Constraint, WindModel
 
 if TYPE_CHECKING:  # scipy (via the regridder) registers a warnings filter on import: load it only when used
@@ -63,9 +64,11 @@ class WindComponent:
             raise ComponentError(f"members must be >= 1, got {cfg.members}")
         if cfg.guidance.method not in ("mmps", "dps"):
             raise ComponentError(f"guidance.method must be 'mmps' or 'dps', got {cfg.guidance.method!r}")
-        if cfg.guidance.gamma_max is not None and not cfg.guidance.gamma_max > 0:
-            raise ComponentError(f"config key 'guidance.gamma_max': expected a positive number or null, "
-                                 f"got {cfg.guidance.gamma_max}")
+        if cfg.guidance.solver not in SOLVERS or cfg.guidance.solver == "cg":
+            raise ComponentError(f"config key 'guidance.solver': expected auto, gmres or direct, "
+                                 f"got {cfg.guidance.solver!r}")
+        if cfg.guidance.iterations < 1:
+            raise ComponentError(f"config key 'guidance.iterations': expected >= 1, got {cfg.guidance.iterations}")
         self.cfg = cfg
         try:
             prior = load_prior(cfg.model or None, cfg.device)
@@ -73,7 +76,7 @@ class WindComponent:
             raise ComponentError(f"config key 'model': {exc}") from exc
         self.model = WindModel(prior, cfg.device, bf16=None, steps=cfg.sampler.steps,
                                eta=cfg.sampler.eta, method=cfg.guidance.method,
-                               cg_iterations=cfg.guidance.cg_iterations, gamma_max=cfg.guidance.gamma_max)
+                               iterations=cfg.guidance.iterations, solver=cfg.guidance.solver)
         T = self.model.T
         if not 1 <= cfg.context_frames < T:
             raise ComponentError(f"config key 'context_frames': expected 1..{T - 1}, got {cfg.context_frames}")
@@ -92,6 +95,9 @@ class WindComponent:
         self.targets: dict[str, float] = {"dry_air_mass": float("nan"), "warming_kelvin": cfg.constraints.warming_kelvin,
                                           "humidity_percent": cfg.constraints.humidity_percent}
         self.output_frames: list[tuple[float, np.ndarray, np.ndarray]] = []
+        # the control twin of a warming run (history, generator) and the last window's guidance report
+        self.control: tuple[torch.Tensor, torch.Generator] | None = None
+        self.report: list[dict[str, Any]] = []
         self.host: Regridder | None = None
         self.host_grid: LatLonGrid | None = None
         self.host_level = 0
@@ -100,9 +106,6 @@ class WindComponent:
         self._load_initial_condition()
         x0 = self.history[:1, -1:]
         self.m_ref = float(self.model.dry_air_mass(self.model.denormalise(x0))[0, 0])
-        lat, W, mean, std = self.model.lat, self.W, self.model.mean, self.model.std
-        self.t_ref = float(AreaMeanOperator(self.channel_slice("temperature"), [0], lat, W, mean, std)(x0))
-        self.q_ref = float(AreaMeanOperator(self.channel_slice("specific_humidity"), [0], lat, W, mean, std)(x0))
         if cfg.restart_file:
             self.load_restart(cfg.restart_file)
         self._refresh()
@@ -293,12 +296,12 @@ class WindComponent:
         if c.dry_air_mass or np.isfinite(target):
             cons.append(self.model.dry_air_mass_constraint(target if np.isfinite(target) else self.m_ref,
                                                            c.dry_air_mass_rel_error))
-        if self.targets["warming_kelvin"]:
-            cons.append(self.model.area_mean_constraint("temperature", self.t_ref + self.targets["warming_kelvin"], 0.05))
-        if self.targets["humidity_percent"]:
-            q_target = self.q_ref * (1 + self.targets["humidity_percent"] / 100.0)
-            cons.append(self.model.area_mean_constraint("specific_humidity", q_target, 0.005 * self.q_ref))
         return cons
+
+    @property
+    def warming(self) -> bool:
+        """Whether warming targets are set (then a control twin runs beside the ensemble)."""
+        return bool(self.targets["warming_kelvin"] or self.targets["humidity_percent"])
 
     def advance(self) -> None:
         """One window: generate ``T - context_frames`` frames guided by pending inputs, then clear them."""
@@ -309,11 +312,29 @@ class WindComponent:
         win[:, :k] = self.history[:, -k:]
         obs = self._observations()
         obs += [c(win, mask) for c in self._constraints()]
+        control_history = None
+        if self.warming:
+            # pseudo-global warming against a control twin: the same window without the warming targets,
+            # the same random draws (a copy of the generator), started when the targets first appear
+            if self.control is None:
+                g = torch.Generator(device=self.model.device)
+                g.set_state(self.generator.get_state())
+                self.control = (self.history.clone(), g)
+            ctx, g = self.control
+            cwin = win.clone()
+            cwin[:, :k] = ctx[:, -k:]
+            control = self.model.sample(cwin, mask, obs, g)
+            obs = obs + self.model.warming_observations(control, mask, self.targets["warming_kelvin"],
+                                                        self.targets["humidity_percent"])
+            control_history = torch.cat([ctx, control[:, k:]], dim=1)[:, -k:].contiguous()
         out = self.model.sample(win, mask, obs, self.generator)
         new = out[:, k:]
         if not torch.isfinite(new).all():
             raise ComponentError("the window produced NaN/inf; state left unchanged")
+        self.report = self.model.report
         self.history = torch.cat([self.history, new], dim=1)[:, -k:].contiguous()
+        if control_history is not None and self.control is not None:
+            self.control = (control_history, self.control[1])
         self.pending = PendingInputs()
         self.time_hours += self.step_hours
         self._refresh()
@@ -363,6 +384,9 @@ class WindComponent:
         path = Path(path)
         gen_state = self.generator.get_state().numpy()
         tensors = {"history": self.history.cpu().numpy(), "generator": gen_state}
+        if self.control is not None:  # a warming run's control twin continues too
+            tensors["control_history"] = self.control[0].cpu().numpy()
+            tensors["control_generator"] = self.control[1].get_state().numpy()
         meta = {"time_hours": str(self.time_hours), "m_ref": str(self.m_ref), "members": str(self.cfg.members),
                 "context_frames": str(self.cfg.context_frames),
                 "targets": json.dumps({k: (v if np.isfinite(v) else None) for k, v in self.targets.items()})}
@@ -388,6 +412,11 @@ class WindComponent:
                                  f"{tuple(self.history.shape)} (members/context_frames)")
         self.history = hist.to(self.model.device)
         self.generator.set_state(torch.from_numpy(tensors["generator"]))
+        self.control = None
+        if "control_history" in tensors:
+            g = torch.Generator(device=self.model.device)
+            g.set_state(torch.from_numpy(tensors["control_generator"]))
+            self.control = (torch.from_numpy(tensors["control_history"]).to(self.model.device), g)
         self.time_hours = float(meta["time_hours"])
         self.m_ref = float(meta["m_ref"])
         t = json.loads(meta["targets"])

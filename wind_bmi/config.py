@@ -155,13 +155,18 @@ class SamplerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class GuidanceConfig:
-    """Posterior guidance method (``mmps`` or ``dps``), CG iterations, and ``gamma_max``: frames noisier
-    than ``Gamma = sigma^2 / alpha > gamma_max`` take the prior's estimate unguided (null guides every
-    frame; the default is ``wind_bmi.model.guidance.GAMMA_MAX``)."""
+    """Posterior guidance.
+
+    Attributes:
+        method: ``mmps`` (moment matching, the default) or ``dps`` (point estimate, a baseline).
+        iterations: GMRES iterations of the MMPS solve per reverse step (each costs one backward pass).
+        solver: ``auto`` (an exact solve when the window's observations have at most 16 entries, e.g.
+            constraints alone; GMRES otherwise), ``gmres`` or ``direct`` (``wind_bmi.model.solvers``).
+    """
 
     method: str = "mmps"
-    cg_iterations: int = 1
-    gamma_max: float | None = 10.0
+    iterations: int = 3
+    solver: str = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,8 +248,7 @@ class AssimilationConfig:
     # e.g. {u_wind: 1.0, v_wind: 1.0, surface_pressure: 100.0}; scores stay on temperature
     extra_observations: dict[str, float] = dataclasses.field(default_factory=dict)
     steps: int = 16
-    cg_iterations: int = 1
-    gamma_max: float | None = 10.0  # GuidanceConfig.gamma_max
+    iterations: int = 3
     seed: int = 0
     moving: bool = False  # stations move every cycle
     level_index: int = -1  # -1: all levels observed at the station cells

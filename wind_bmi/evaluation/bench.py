@@ -110,17 +110,17 @@ def run_bench(out: str | Path, quick: bool = False, model: str | None = None, st
         if cg is not None:
             obs = [Observation(MaskOperator(obs_mask), x0[obs_mask][None].expand(members, -1), 0.01)]
         g = torch.Generator().manual_seed(1)
-        return _time(lambda: wm.sample(ctx, mask_ctx, obs, g, cg_iterations=cg or 1), reps)
+        return _time(lambda: wm.sample(ctx, mask_ctx, obs, g, iterations=cg or 1), reps)
 
     t_unguided = window(1, None)
     add("window_seconds_unguided_1member", t_unguided, "s", steps=steps, advance_hours=24)
     t_guided = window(1, 1)
-    add("window_seconds_guided_1member", t_guided, "s", steps=steps, cg_iterations=1)
-    add("window_seconds_guided_1member_cg3", window(1, 3), "s", steps=steps, cg_iterations=3)
+    add("window_seconds_guided_1member", t_guided, "s", steps=steps, iterations=1)
+    add("window_seconds_guided_1member_cg3", window(1, 3), "s", steps=steps, iterations=3)
     add("guided_unguided_ratio", t_guided / t_unguided, "ratio", steps=steps)
     add("window_seconds_unguided_8members", window(8, None), "s", steps=steps)
     t8 = window(8, 1)
-    add("window_seconds_guided_8members", t8, "s", steps=steps, cg_iterations=1)
+    add("window_seconds_guided_8members", t8, "s", steps=steps, iterations=1)
     add("guided_8_vs_1_member_ratio", t8 / t_guided, "ratio", steps=steps)
     add("peak_rss_gb_8members_guided", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, "GB",
         note="peak RSS of the bench process, which includes the 8-member guided window")
