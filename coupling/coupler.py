@@ -119,26 +119,62 @@ def time_unit_seconds(bmi: Any, name: str) -> float:
     return component_clock(bmi, name).seconds_per_unit
 
 
+def _coords(getter: Any, grid: int, size: int) -> NDArray[np.float64] | None:
+    """A BMI coordinate getter's values, or None where the component does not provide them."""
+    try:
+        return np.asarray(getter(grid, np.empty(size)), dtype=np.float64)
+    except (NotImplementedError, AttributeError, TypeError, ValueError):
+        return None
+
+
 def read_grid(bmi: Any, name: str, var: str) -> GridInfo:
-    """The lat-lon grid of ``var`` through BMI (rank 2 ``lat, lon`` or rank 3 ``level, lat, lon``)."""
+    """The lat-lon grid of ``var`` through BMI (rank 2 ``lat, lon`` or rank 3 ``level, lat, lon``).
+
+    ``rectilinear``: the coordinates ``get_grid_y/x/z``. ``uniform_rectilinear``: origin and spacing (the
+    coordinates of node 0 and the signed step along each axis); where the component also reports
+    coordinates they must agree, so a host whose rows run north to south is read as such, never flipped.
+    ``structured_quadrilateral``: node coordinates that separate into one latitude per row and one
+    longitude per column. Anything else, or coordinates that contradict each other, is refused.
+    """
     grid = bmi.get_var_grid(var)
     gtype, rank = bmi.get_grid_type(grid), bmi.get_grid_rank(grid)
     where = f"component {name!r}, variable {var!r} (grid {grid}, {gtype}, rank {rank})"
     if rank not in (2, 3):
         raise CouplerError(f"{where}: expected a rank-2 (lat, lon) or rank-3 (level, lat, lon) grid")
-    shape = bmi.get_grid_shape(grid, np.zeros(rank, dtype=int))
+    shape = [int(v) for v in bmi.get_grid_shape(grid, np.zeros(rank, dtype=int))]
+    ny, nx = shape[-2], shape[-1]
+    levels: NDArray[np.float64] = np.zeros(0)
     if gtype == "rectilinear":
-        lat = bmi.get_grid_y(grid, np.empty(shape[-2]))
-        lon = bmi.get_grid_x(grid, np.empty(shape[-1]))
-        levels = bmi.get_grid_z(grid, np.empty(shape[0])) if rank == 3 else np.zeros(0)
+        lat, lon = _coords(bmi.get_grid_y, grid, ny), _coords(bmi.get_grid_x, grid, nx)
+        if lat is None or lon is None:
+            raise CouplerError(f"{where}: a rectilinear grid must report get_grid_y and get_grid_x")
+        if rank == 3:
+            z = _coords(bmi.get_grid_z, grid, shape[0])
+            levels = np.zeros(0) if z is None else z
     elif gtype == "uniform_rectilinear":
-        spacing = bmi.get_grid_spacing(grid, np.empty(rank))
-        origin = bmi.get_grid_origin(grid, np.empty(rank))
-        lat = origin[-2] + spacing[-2] * np.arange(shape[-2])
-        lon = origin[-1] + spacing[-1] * np.arange(shape[-1])
-        levels = origin[0] + spacing[0] * np.arange(shape[0]) if rank == 3 else np.zeros(0)
+        spacing = np.asarray(bmi.get_grid_spacing(grid, np.empty(rank)), dtype=np.float64)
+        origin = np.asarray(bmi.get_grid_origin(grid, np.empty(rank)), dtype=np.float64)
+        lat = origin[-2] + spacing[-2] * np.arange(ny)
+        lon = origin[-1] + spacing[-1] * np.arange(nx)
+        if rank == 3:
+            levels = origin[0] + spacing[0] * np.arange(shape[0])
+        for axis, computed, getter, n in (("y", lat, bmi.get_grid_y, ny), ("x", lon, bmi.get_grid_x, nx)):
+            reported = _coords(getter, grid, n)
+            if reported is not None and not np.allclose(reported, computed, atol=1e-6 * max(1.0, np.abs(computed).max())):
+                raise CouplerError(f"{where}: get_grid_{axis} reports {reported[:2].tolist()}... but origin + spacing "
+                                   f"give {computed[:2].tolist()}...: the grid's orientation is ambiguous")
+    elif gtype == "structured_quadrilateral":
+        y, x = _coords(bmi.get_grid_y, grid, ny * nx), _coords(bmi.get_grid_x, grid, ny * nx)
+        if y is None or x is None:
+            raise CouplerError(f"{where}: a structured grid must report its node coordinates")
+        y2, x2 = y.reshape(ny, nx), x.reshape(ny, nx)
+        if not (np.allclose(y2, y2[:, :1]) and np.allclose(x2, x2[:1, :])):
+            raise CouplerError(f"{where}: a curvilinear grid (latitude varying along rows or longitude along "
+                               f"columns) cannot be coupled; supply ESMF weights for it")
+        lat, lon = y2[:, 0], x2[0, :]
     else:
-        raise CouplerError(f"{where}: only rectilinear and uniform_rectilinear lat-lon grids can be coupled")
+        raise CouplerError(f"{where}: only rectilinear, uniform_rectilinear and separable structured_quadrilateral "
+                           f"lat-lon grids can be coupled")
     try:
         return GridInfo(LatLonGrid(lat, lon), np.asarray(levels, dtype=np.float64))
     except RegridError as exc:

@@ -31,7 +31,11 @@ class RegridError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class LatLonGrid:
-    """A rectilinear lat-lon grid (cell centres in degrees, any latitude order, any longitude origin)."""
+    """A rectilinear lat-lon grid: cell centres in degrees, latitudes monotonic in either order, longitudes
+    monotonic in any convention (0..360, -180..180). Global or regional: the grid is periodic in longitude
+    when its cells span 360 degrees, and its outer latitude edges are the poles only when the outer
+    centres lie within half a cell of them; otherwise the outer edges lie half a cell beyond the centres,
+    and points outside the grid get no weights (NaN), never an extrapolation."""
 
     lat: NDArray[np.float64]
     lon: NDArray[np.float64]
@@ -43,23 +47,44 @@ class LatLonGrid:
             raise RegridError("lat and lon must be 1-D with at least 2 points")
         if np.abs(self.lat).max() > 90:
             raise RegridError("latitudes must lie in [-90, 90]")
+        dlat = np.diff(self.lat)
+        if not ((dlat > 0).all() or (dlat < 0).all()):
+            raise RegridError("latitudes must be strictly monotonic (ascending or descending)")
+        dlon = np.diff(np.unwrap(self.lon, period=360.0))
+        if not (dlon > 0).all():
+            raise RegridError("longitudes must increase along the grid (any origin, wrapping at 360 allowed)")
 
     @property
     def shape(self) -> tuple[int, int]:
         return (self.lat.size, self.lon.size)
 
+    @property
+    def periodic(self) -> bool:
+        """Whether the cells span all 360 degrees of longitude."""
+        lon = np.unwrap(self.lon, period=360.0)
+        step = float(np.median(np.diff(lon)))
+        return abs(lon[-1] - lon[0] + step - 360.0) < 0.5 * step
+
     def lat_edges(self) -> NDArray[np.float64]:
-        """``(nlat + 1,)`` edges in the grid's own order: midpoints, and the poles at the ends."""
+        """``(nlat + 1,)`` edges in the grid's own order: midpoints; at the ends half a cell out, or the
+        pole where that is less than half a cell away."""
         lat = self.lat
-        sign = 1.0 if lat[-1] > lat[0] else -1.0
-        return np.concatenate([[-90.0 * sign], 0.5 * (lat[1:] + lat[:-1]), [90.0 * sign]])
+        mid = 0.5 * (lat[1:] + lat[:-1])
+        ends = []
+        for centre, inner in ((lat[0], mid[0]), (lat[-1], mid[-1])):
+            half = centre - inner
+            edge = centre + half
+            pole = 90.0 * np.sign(half)
+            ends.append(pole if abs(edge) >= 90.0 or abs(pole - edge) < abs(half) else edge)
+        return np.concatenate([[ends[0]], mid, [ends[1]]])
 
     def lon_edges(self) -> NDArray[np.float64]:
-        """``(nlon + 1,)`` edges, increasing, spanning 360 degrees (periodic)."""
+        """``(nlon + 1,)`` edges, increasing; spanning 360 degrees when the grid is periodic."""
         lon = np.unwrap(self.lon, period=360.0)
         mid = 0.5 * (lon[1:] + lon[:-1])
         first = lon[0] - 0.5 * (lon[1] - lon[0])
-        return np.concatenate([[first], mid, [first + 360.0]])
+        last = first + 360.0 if self.periodic else lon[-1] + 0.5 * (lon[-1] - lon[-2])
+        return np.concatenate([[first], mid, [last]])
 
     def areas(self) -> NDArray[np.float64]:
         """Cell areas on the unit sphere ``|d sin lat| d lon`` (radians), ``(nlat, nlon)``."""
@@ -93,16 +118,24 @@ def _lat_overlap(src: LatLonGrid, dst: LatLonGrid) -> NDArray[np.float64]:
     return _overlap_1d(s_lo, s_hi, d_lo, d_hi)
 
 
+def _normalise_rows(w: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Rows divided by their sums; rows without overlap stay empty (their cells come back NaN)."""
+    total = w.sum(axis=1, keepdims=True)
+    return np.divide(w, total, out=np.zeros_like(w), where=total > 0)
+
+
 def conservative_weights(src: LatLonGrid, dst: LatLonGrid) -> sp.csr_matrix:
-    """First-order conservative weights: ``W[b, a] = area(b ∩ a) / area(b)`` (exact on the sphere)."""
-    wlat = _lat_overlap(src, dst)
-    wlat /= wlat.sum(axis=1, keepdims=True)
-    wlon = _lon_overlap(src, dst)
-    wlon /= wlon.sum(axis=1, keepdims=True)
+    """First-order conservative weights: ``W[b, a] = area(b ∩ a) / area(b ∩ source grid)`` (exact on the
+    sphere; a destination cell partly outside a regional source averages the part it covers)."""
+    wlat = _normalise_rows(_lat_overlap(src, dst))
+    wlon = _normalise_rows(_lon_overlap(src, dst))
     return sp.csr_matrix(sp.kron(sp.csr_matrix(wlat), sp.csr_matrix(wlon)))
 
 
-def _linear_1d(x_src: NDArray[Any], x_dst: NDArray[Any], periodic: bool) -> sp.csr_matrix:
+def _linear_1d(x_src: NDArray[Any], x_dst: NDArray[Any], periodic: bool,
+               extend: tuple[float, float] | None = None) -> sp.csr_matrix:
+    """Linear interpolation weights; outside the source points a destination point takes the nearest
+    source point only within ``extend`` (the source grid's outer edges), else gets no weights."""
     n = x_src.size
     order = np.argsort(x_src)
     xs = x_src[order]
@@ -116,7 +149,10 @@ def _linear_1d(x_src: NDArray[Any], x_dst: NDArray[Any], periodic: bool) -> sp.c
             w = (xx - ext[k]) / (ext[k + 1] - ext[k])
             a, b = order[k], order[(k + 1) % n]
         else:
-            if x <= xs[0] or x >= xs[-1]:  # outside the source rows: nearest row
+            if x <= xs[0] or x >= xs[-1]:  # beyond the outer rows: the nearest row, inside the grid only
+                lo, hi = (min(extend), max(extend)) if extend is not None else (xs[0], xs[-1])
+                if not lo - 1e-9 <= x <= hi + 1e-9:
+                    continue
                 k = 0 if x <= xs[0] else n - 1
                 rows.append(i)
                 cols.append(order[k])
@@ -132,9 +168,18 @@ def _linear_1d(x_src: NDArray[Any], x_dst: NDArray[Any], periodic: bool) -> sp.c
 
 
 def bilinear_weights(src: LatLonGrid, dst: LatLonGrid) -> sp.csr_matrix:
-    """Separable bilinear weights (periodic in longitude; nearest row beyond the outermost latitudes)."""
-    wlat = _linear_1d(src.lat, dst.lat, periodic=False)
-    wlon = _linear_1d(np.mod(src.lon, 360.0), np.mod(dst.lon, 360.0), periodic=True)
+    """Separable bilinear weights: periodic in longitude for a global source; between the outermost
+    source rows and the source grid's edges (a pole for a global grid) the nearest row; points outside a
+    regional source get no weights."""
+    edges = src.lat_edges()
+    wlat = _linear_1d(src.lat, dst.lat, periodic=False, extend=(float(edges[0]), float(edges[-1])))
+    if src.periodic:
+        wlon = _linear_1d(np.mod(src.lon, 360.0), np.mod(dst.lon, 360.0), periodic=True)
+    else:  # regional: interpolate in the source's own unwrapped longitudes
+        slon = np.unwrap(src.lon, period=360.0)
+        dlon = slon[0] + np.mod(dst.lon - slon[0], 360.0)
+        le = src.lon_edges()
+        wlon = _linear_1d(slon, dlon, periodic=False, extend=(float(le[0]), float(le[-1])))
     return sp.csr_matrix(sp.kron(wlat, wlon))
 
 

@@ -145,3 +145,117 @@ def test_coupler_reads_cf_since_units_and_converts_between_clocks(wind_cfg: Path
     ocean.get_time_units = lambda: "days since the big bang"  # type: ignore[method-assign]
     with pytest.raises(CouplerError, match="not CF time units"):
         Coupler({"wind": wind, "ocean": ocean}, [], interval_seconds=86400.0)
+
+
+class GridHost:
+    """A minimal host that only receives a field (``air_in``, K) on the grid it reports."""
+
+    def __init__(self, lat: np.ndarray, lon: np.ndarray, gtype: str, lie: bool = False) -> None:
+        self.lat, self.lon, self.gtype, self.lie = lat, lon, gtype, lie
+        self.received = np.full((lat.size, lon.size), np.nan)
+
+    def get_input_var_names(self) -> tuple[str, ...]:
+        return ("air_in",)
+
+    def get_output_var_names(self) -> tuple[str, ...]:
+        return ()
+
+    def get_var_grid(self, name: str) -> int:
+        return 0
+
+    def get_var_units(self, name: str) -> str:
+        return "K"
+
+    def get_grid_type(self, grid: int) -> str:
+        return self.gtype
+
+    def get_grid_rank(self, grid: int) -> int:
+        return 2
+
+    def get_grid_shape(self, grid: int, shape: np.ndarray) -> np.ndarray:
+        shape[:] = (self.lat.size, self.lon.size)
+        return shape
+
+    def get_grid_origin(self, grid: int, origin: np.ndarray) -> np.ndarray:
+        origin[:] = (min(self.lat[0], self.lat[-1]) if self.lie else self.lat[0], self.lon[0])
+        return origin
+
+    def get_grid_spacing(self, grid: int, spacing: np.ndarray) -> np.ndarray:
+        spacing[:] = (abs(self.lat[1] - self.lat[0]) if self.lie else self.lat[1] - self.lat[0], self.lon[1] - self.lon[0])
+        return spacing
+
+    def get_grid_y(self, grid: int, y: np.ndarray) -> np.ndarray:
+        if self.gtype == "structured_quadrilateral":
+            y[:] = np.repeat(self.lat, self.lon.size)
+        else:
+            y[:] = self.lat
+        return y
+
+    def get_grid_x(self, grid: int, x: np.ndarray) -> np.ndarray:
+        if self.gtype == "structured_quadrilateral":
+            x[:] = np.tile(self.lon, self.lat.size)
+        else:
+            x[:] = self.lon
+        return x
+
+    def set_value(self, name: str, values: np.ndarray) -> None:
+        self.received[...] = values.reshape(self.received.shape)
+
+    def get_time_units(self) -> str:
+        return "h"
+
+    def get_time_step(self) -> float:
+        return 24.0
+
+    def get_current_time(self) -> float:
+        return getattr(self, "time", 0.0)
+
+    def update_until(self, time: float) -> None:
+        self.time = time
+
+
+@pytest.mark.parametrize(("rows", "lons", "gtype"), [
+    ("north_first", "-180..180", "uniform_rectilinear"), ("south_first", "0..360", "uniform_rectilinear"),
+    ("north_first", "0..360", "rectilinear"), ("south_first", "-180..180", "structured_quadrilateral"),
+    ("regional", "-180..180", "uniform_rectilinear")])
+def test_host_grids_are_read_as_reported_in_either_row_order(wind_cfg: Path, tmp_path: Path, rows: str, lons: str,
+                                                            gtype: str) -> None:
+    """WIND's temperature reaches the host at the host's own latitudes: each host row matches WIND's zonal
+    mean at that latitude (a flipped mapping would put polar air at the equator), and a regional host
+    gets values only inside its region."""
+    wind = WindBmi()
+    wind.initialize(str(wind_cfg))
+    lat = {"north_first": np.arange(87.5, -90.0, -5.0), "south_first": np.arange(-87.5, 90.0, 5.0),
+           "regional": np.arange(57.5, 20.0, -5.0)}[rows]
+    lon = np.arange(-177.5, 180.0, 5.0) if lons == "-180..180" else np.arange(2.5, 360.0, 5.0)
+    if rows == "regional":
+        lon = np.arange(-17.5, 40.0, 5.0)
+    host = GridHost(lat, lon, gtype)
+    lev = sigma_level(wind)
+    comp = wind.component
+    # a field that says where it is: 250 K + 0.5 K per degree of latitude (plus a little longitude)
+    wlat, wlon = comp.model.lat.numpy(), comp.model.lon.numpy()
+    field = 250.0 + 0.5 * wlat[:, None] + 0.01 * np.cos(np.deg2rad(wlon))[None, :]
+    wind.set_value(T3, np.broadcast_to(field, (len(comp.levels), *field.shape)).reshape(-1).copy())
+    Coupler({"wind": wind, "host": host}, [Exchange("wind", T3, "host", "air_in", level=lev)], 86400.0).step()
+    rows_got = host.received.mean(axis=1)
+    assert np.isfinite(host.received).all()
+    assert np.corrcoef(rows_got, lat)[0, 1] > 0.9  # a flipped mapping gives about -1
+    assert rows_got[np.argmin(lat)] < rows_got[np.argmax(lat)]
+    # each host row lies between WIND's values at the WIND rows around it (no shift by a row or more)
+    lo = np.interp(lat, wlat, field.mean(axis=1)) - 0.5 * 0.5 * np.abs(np.diff(wlat)).max()
+    hi = lo + 0.5 * np.abs(np.diff(wlat)).max()
+    assert ((rows_got >= lo - 1e-6) & (rows_got <= hi + 1e-6)).all(), (rows_got - lo, hi - lo)
+
+
+def test_a_grid_whose_coordinates_contradict_its_origin_is_refused(wind_cfg: Path) -> None:
+    wind = WindBmi()
+    wind.initialize(str(wind_cfg))
+    lying = GridHost(np.arange(87.5, -90.0, -5.0), np.arange(-177.5, 180.0, 5.0), "uniform_rectilinear", lie=True)
+    with pytest.raises(CouplerError, match="orientation is ambiguous"):
+        Coupler({"wind": wind, "host": lying}, [Exchange("wind", T3, "host", "air_in", level=sigma_level(wind))],
+                86400.0)
+    curvy = GridHost(np.arange(-87.5, 90.0, 5.0), np.arange(-177.5, 180.0, 5.0), "unstructured")
+    with pytest.raises(CouplerError, match="can be coupled"):
+        Coupler({"wind": wind, "host": curvy}, [Exchange("wind", T3, "host", "air_in", level=sigma_level(wind))],
+                86400.0)
