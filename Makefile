@@ -9,7 +9,11 @@ STAMP := $(VENV)/.installed
 # strict editable installs map each module file: re-install when a module is added or removed
 SOURCES := $(sort $(wildcard wind_bmi/*.py wind_bmi/*/*.py model/*.py coupling/*.py))
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench clean cf-checker
+
+# The CF checker's tables, offline: the CF standard-name table from the compliance-checker wheel (PyPI),
+# and libudunits2 from Debian (root only; without it the CF-checker test skips and says why).
+CF_TABLES := $(VENV)/cf-tables/cf-standard-name-table.xml
 
 $(TORCH_STAMP):
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +28,18 @@ $(STAMP): $(TORCH_STAMP) pyproject.toml $(SOURCES)
 
 install: $(STAMP)
 
+$(CF_TABLES): $(TORCH_STAMP)
+	mkdir -p $(VENV)/cf-tables
+	$(BIN)/pip download --quiet --no-deps compliance-checker==6.1.0 -d $(VENV)/cf-tables
+	$(BIN)/python -c "import glob, zipfile; w = glob.glob('$(VENV)/cf-tables/compliance_checker-*.whl')[0]; \
+		open('$(CF_TABLES)', 'wb').write(zipfile.ZipFile(w).read('compliance_checker/data/cf-standard-name-table.xml'))"
+
+cf-checker: $(CF_TABLES)
+	@ldconfig -p | grep -q libudunits2 || (command -v apt-get > /dev/null && [ "$$(id -u)" = 0 ] && \
+		(apt-get install -y -qq libudunits2-0 > /dev/null 2>&1 || \
+		 (apt-get update -qq > /dev/null 2>&1 && apt-get install -y -qq libudunits2-0 > /dev/null 2>&1))) || \
+		echo "libudunits2 not installed: the CF-checker test will be skipped"
+
 demo: $(STAMP)
 	$(BIN)/wind-bmi run config/demo.yaml --out out/demo
 
@@ -31,7 +47,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check wind_bmi model coupling tests examples
 	$(BIN)/mypy -p wind_bmi -p wind_bmi.model -p wind_bmi.coupling
 
-test: $(STAMP) lint
+test: $(STAMP) lint cf-checker
 	$(BIN)/pytest -q tests
 	$(BIN)/bmi-test wind_bmi:WindBmi --quiet
 	$(BIN)/bmi-test wind_bmi:WindBmi --config-file=$(CURDIR)/config/bmi_test.yaml --root-dir=$(CURDIR)/config --quiet

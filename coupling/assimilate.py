@@ -133,11 +133,11 @@ def run_assimilation(cfg: AssimilationConfig, out: str | Path, comm: Any = None)
     rank, size = comm.Get_rank(), comm.Get_size()
     observed = observed_variables(cfg)  # a bad key stops the run here, before anything is written
     out = Path(out)
+    truth_path = cfg.truth or str(shipped_sample_path())
+    ds = open_any(truth_path)  # a missing truth stops the run here, named, before anything is written
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     comm.bcast(None)
-    truth_path = cfg.truth or str(shipped_sample_path())
-    ds = open_any(truth_path)
     times = list(ds["time"].values)
     if len(times) < 4 + cfg.cycles:
         raise AssimilationError(f"truth {truth_path} has {len(times)} frames; {cfg.cycles} cycles need {4 + cfg.cycles}")

@@ -58,14 +58,16 @@ class WindModel:
                                       lower_bounds=_normalised_lower_bounds(prior.card))
         self.schedule = prior.schedule
         self.T = int(card["architecture"]["frames"])
-        self.channels: list[tuple[str, float | None]] = [(c["variable"], c["level"]) for c in card["channels"]]
+        # levels as their nominal values (cards store float32-rounded sigma, 0.510000005 for 0.51)
+        self.channels: list[tuple[str, float | None]] = [
+            (c["variable"], None if c["level"] is None else round(float(c["level"]), 6)) for c in card["channels"]]
         self.C = len(self.channels)
         self.mean = torch.tensor(card["normalisation"]["mean"], dtype=torch.float64)
         self.std = torch.tensor(card["normalisation"]["std"], dtype=torch.float64)
         self.lat = torch.tensor(card["grid"]["lat"], dtype=torch.float64)
         self.lon = torch.tensor(card["grid"]["lon"], dtype=torch.float64)
         self.H, self.W = self.lat.numel(), self.lon.numel()
-        self.levels = [float(v) for v in card.get("levels", [])]
+        self.levels = [round(float(v), 6) for v in card.get("levels", [])]
         self.steps, self.eta, self.method, self.iterations, self.solver = steps, eta, method, iterations, solver
         self.report: list[dict[str, Any]] = []
 

@@ -127,3 +127,28 @@ def test_paper_preset_builds_70_channels_from_weatherbench2_files(tmp_path: Path
     assert len(splits.channels) == 70
     assert splits.train.frames.shape == (8, 70, 6, 8) and len(splits.train) == 4
     assert np.all(np.diff(splits.lat) > 0)
+
+
+def test_a_weatherbench2_snapshot_with_one_scalar_time_is_inspected_and_serves_as_initial_condition(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_model: Path) -> None:
+    wb2 = xr.open_dataset(_era5("wb2", tmp_path)).isel(time=0)  # time becomes a scalar coordinate
+    assert "time" not in wb2.dims and "time" in wb2.coords
+    snap = tmp_path / "snapshot.nc"
+    wb2.to_netcdf(snap)
+    assert main(["data", "inspect", str(snap)]) == 0
+    out = capsys.readouterr().out
+    assert "one time, no step" in out and "era5-wb2" in out
+    assert inspect_path(snap)["time"]["count"] == 1
+    # a single-time file in the project layout starts a WindBmi run (one context frame)
+    from helpers import write_bmi_config
+
+    from wind_bmi import WindBmi
+
+    one = synthetic_dataset("2002-03-02", 1).isel(time=0)
+    one.to_netcdf(tmp_path / "one.nc", encoding={"time": {"units": "hours since 1900-01-01"}})
+    cfg = write_bmi_config(tmp_path / "bmi.yaml", tiny_model, tmp_path / "one.nc", start_time="")
+    bmi = WindBmi()
+    bmi.initialize(str(cfg))
+    assert bmi.get_time_units() == f"hours since {one['time'].dt.strftime('%Y-%m-%d %H:%M:%S').item()}"
+    bmi.update()
+    assert np.isfinite(bmi.get_value("atmosphere_air__temperature", np.empty(bmi.get_grid_size(0)))).all()

@@ -181,10 +181,14 @@ class WindBmi(Bmi):
             cfg = load_config(config_file, BmiConfig)
         else:
             cfg = from_dict(BmiConfig, {}, "<defaults>")
+        self.initialize_config(cfg, config_file or "<defaults>")
+
+    def initialize_config(self, cfg: BmiConfig, source: str = "<config>") -> None:
+        """Initialize from a config object (``source`` names it in errors: the user's file)."""
         try:
             comp = WindComponent(cfg)
         except ComponentError as exc:
-            raise ConfigError(f"{config_file or '<defaults>'}: {exc}") from exc
+            raise ConfigError(f"{source}: {exc}") from exc
         self._c = comp
         self._finalized = False
         self._out = {}

@@ -46,20 +46,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from wind_bmi.bmi import WindBmi
+    from wind_bmi.cli import writable_folder
 
     cfg = load_config(args.config, BmiConfig)
     out = Path(args.out) if args.out else Path(cfg.output or "out/run").parent
-    out.mkdir(parents=True, exist_ok=True)
+    writable_folder(str(out))
     nc = out / (Path(cfg.output).name if cfg.output else "forecast.nc")
     cfg = dataclasses.replace(cfg, output=str(nc))
-    tmp_cfg = out / "run_config.yaml"
-    import yaml
-
-    from wind_bmi.config import to_dict
-
-    tmp_cfg.write_text(yaml.safe_dump(to_dict(cfg)))
     bmi = WindBmi()
-    bmi.initialize(str(tmp_cfg))
+    bmi.initialize_config(cfg, args.config)  # errors name the user's file, not a copy; nothing written yet
+    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     n_windows = int(np.ceil((bmi.get_end_time() - bmi.get_current_time()) / bmi.get_time_step()))
     with tqdm(total=n_windows, unit="window", desc="WindBmi") as bar:
@@ -99,8 +95,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from wind_bmi.cli import writable_folder
     from wind_bmi.evaluation.bench import run_bench
 
+    writable_folder(args.out)
     path = run_bench(args.out, quick=args.quick, model=args.model, steps=args.steps)
     print(f"wrote {path} and {path.parent / 'bench.md'}")
     return 0
@@ -138,6 +136,8 @@ def cmd_assimilate(args: argparse.Namespace) -> int:
 def cmd_report_prior(args: argparse.Namespace) -> int:
     from wind_bmi.evaluation.prior_report import run_prior_report
 
+    if not Path(args.data).exists():
+        raise ValueError(f"--data {args.data!r} does not exist")
     rep = run_prior_report(args.data, args.out, card=args.model, rollout_days=args.days, steps=args.steps,
                            history=args.history, update_card=args.write_card, rollout_members=args.members,
                            rollout_seed=args.seed, band_limit=not args.no_band_limit)
@@ -147,6 +147,7 @@ def cmd_report_prior(args: argparse.Namespace) -> int:
 
 def add_commands(sub: Any) -> None:
     """Register the component-level subcommands on the ``wind-bmi`` parser."""
+    from wind_bmi.cli import existing_path, positive_float, positive_int
     run = sub.add_parser("run", help="drive WindBmi headless for the configured span; netCDF + quick-look PNG",
                          description="Initialise WindBmi from CONFIG (kind: bmi), update until run_hours, write the "
                                      "ensemble mean and spread as CF netCDF and a quick-look map.")
@@ -180,10 +181,10 @@ def add_commands(sub: Any) -> None:
     rp.add_argument("--data", required=True, help="held-out data (e.g. data/speedy/test)")
     rp.add_argument("--out", required=True, help="folder for figures and prior_report.json")
     rp.add_argument("--model", help="model card (default: the shipped prior)")
-    rp.add_argument("--days", type=float, default=60.0, help="length of the unguided rollout")
-    rp.add_argument("--members", type=int, default=4, help="independent rollout members (batched)")
+    rp.add_argument("--days", type=positive_float, default=60.0, help="length of the unguided rollout")
+    rp.add_argument("--members", type=positive_int, default=4, help="independent rollout members (batched)")
     rp.add_argument("--seed", type=int, default=1, help="seed of the rollout members' generator")
-    rp.add_argument("--steps", type=int, help="sampler steps (default: the BMI's, DDIM)")
+    rp.add_argument("--steps", type=positive_int, help="sampler steps (default: the BMI's, DDIM)")
     rp.add_argument("--history", help="train_state.json with the training history")
     rp.add_argument("--write-card", action="store_true",
                     help="also store the report in the card as test_report (the card is never touched without it)")
@@ -194,6 +195,6 @@ def add_commands(sub: Any) -> None:
     be = sub.add_parser("bench", help="benchmark windows, network, training and memory; bench.json + bench.md")
     be.add_argument("--out", required=True, help="output folder")
     be.add_argument("--quick", action="store_true", help="few repetitions, small sizes (for tests)")
-    be.add_argument("--model", help="model card (default: the shipped prior)")
-    be.add_argument("--steps", type=int, help="sampler steps per window (default: the BMI default sampler.steps)")
+    be.add_argument("--model", type=existing_path, help="model card (default: the shipped prior)")
+    be.add_argument("--steps", type=positive_int, help="sampler steps per window (default: the BMI default sampler.steps)")
     be.set_defaults(func=cmd_bench)

@@ -61,7 +61,18 @@ class WindComponent:
 
     def __init__(self, cfg: BmiConfig) -> None:
         if not 1 <= cfg.members:
-            raise ComponentError(f"members must be >= 1, got {cfg.members}")
+            raise ComponentError(f"config key 'members': expected >= 1, got {cfg.members}")
+        if cfg.sampler.steps < 1:
+            raise ComponentError(f"config key 'sampler.steps': expected >= 1 reverse steps, got {cfg.sampler.steps}")
+        if not 0.0 <= cfg.sampler.eta <= 1.0:
+            raise ComponentError(f"config key 'sampler.eta': expected 0 (DDIM) .. 1 (DDPM), got {cfg.sampler.eta}")
+        if not cfg.run_hours > 0:
+            raise ComponentError(f"config key 'run_hours': expected a positive number of hours, got {cfg.run_hours}")
+        if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ComponentError(f"config key 'device': {cfg.device!r} requested but this torch build sees no CUDA "
+                                 f"device (torch {torch.__version__}); use 'cpu'")
+        if cfg.device != "cpu" and not cfg.device.startswith("cuda"):
+            raise ComponentError(f"config key 'device': expected 'cpu' or 'cuda[:N]', got {cfg.device!r}")
         if cfg.guidance.method not in ("mmps", "dps"):
             raise ComponentError(f"guidance.method must be 'mmps' or 'dps', got {cfg.guidance.method!r}")
         if cfg.guidance.solver not in SOLVERS or cfg.guidance.solver == "cg":
@@ -95,6 +106,7 @@ class WindComponent:
         self.targets: dict[str, float] = {"dry_air_mass": float("nan"), "warming_kelvin": cfg.constraints.warming_kelvin,
                                           "humidity_percent": cfg.constraints.humidity_percent}
         self.output_frames: list[tuple[float, np.ndarray, np.ndarray]] = []
+        self.output_members: list[np.ndarray] = []
         # the control twin of a warming run (history, generator) and the last window's guidance report
         self.control: tuple[torch.Tensor, torch.Generator] | None = None
         self.report: list[dict[str, Any]] = []
@@ -342,39 +354,90 @@ class WindComponent:
             phys = self.model.denormalise(new).cpu().numpy()
             for f in range(new.shape[1]):
                 hours = self.time_hours - 6.0 * (new.shape[1] - 1 - f)
-                self.output_frames.append((hours, phys[:, f].mean(axis=0), phys[:, f].std(axis=0)))
+                spread = phys[:, f].std(axis=0, ddof=1) if phys.shape[0] > 1 else np.zeros_like(phys[0, f])
+                self.output_frames.append((hours, phys[:, f].mean(axis=0), spread))
+                if self.cfg.output_members:
+                    self.output_members.append(phys[:, f].copy())
             self.write_output(self.cfg.output)
 
     # -- output and restart ---------------------------------------------------------------
     def _record_output(self) -> None:
         self.output_frames.append((self.time_hours, self.mean_phys.copy(), self.spread_phys.copy()))
+        if self.cfg.output_members:
+            self.output_members.append(self.members_phys.copy())
 
     def write_output(self, path: str | Path) -> None:
-        """Write all frames so far as CF netCDF (temp file, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        hours = np.array([h for h, _, _ in self.output_frames])
-        mean = np.stack([m for _, m, _ in self.output_frames])
-        spread = np.stack([s for _, _, s in self.output_frames])
-        times = [self.start_datetime + _timedelta_hours(float(h)) for h in hours]
-        ds = xr.Dataset(coords={"time": ("time", times), "level": ("level", np.array(self.levels, dtype=np.float64),
-                                                                   {"long_name": "sigma", "positive": "down"}),
-                                "lat": ("lat", self.model.lat.numpy(), {"units": "degrees_north"}),
-                                "lon": ("lon", self.model.lon.numpy(), {"units": "degrees_east"})})
+        """Write all frames so far as CF-1.8 netCDF (temp file, then rename; checked with cfchecker).
+
+        Per state variable: the ensemble mean (``cell_methods: realization: mean``), its spread
+        (standard deviation, ddof 1) linked as an ancillary variable, and with ``output_members`` every
+        member on a ``member`` dimension (``standard_name: realization``). Sigma levels carry their
+        parametric definition (``p = ptop + sigma (ps - ptop)``, ``ptop`` = 0), latitude, longitude and
+        sigma their cell bounds; coordinates have no fill value; time is in the BMI's units.
+        """
         from wind_bmi.variables import VARIABLES
 
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        hours = np.array([h for h, _, _ in self.output_frames], dtype=np.float64)
+        mean = np.stack([m for _, m, _ in self.output_frames])
+        spread = np.stack([s for _, _, s in self.output_frames])
+        lat, lon = self.model.lat.numpy(), self.model.lon.numpy()
+        from wind_bmi.coupling.regrid import LatLonGrid
+
+        grid = LatLonGrid(lat, lon)
+        lat_e, lon_e = grid.lat_edges(), grid.lon_edges()
+        coords: dict[str, Any] = {
+            "time": ("time", hours, {"standard_name": "time", "axis": "T",
+                                     "units": f"hours since {self.start_datetime.strftime('%Y-%m-%d %H:%M:%S')}",
+                                     "calendar": self.calendar}),
+            "level": ("level", np.array(self.levels, dtype=np.float64),
+                      {"standard_name": "atmosphere_sigma_coordinate", "long_name": "sigma at layer midpoints",
+                       "units": "1", "axis": "Z", "positive": "down", "bounds": "level_bnds",
+                       "formula_terms": "sigma: level ps: surface_pressure ptop: ptop"}),
+            "lat": ("lat", lat, {"standard_name": "latitude", "units": "degrees_north", "axis": "Y",
+                                 "bounds": "lat_bnds"}),
+            "lon": ("lon", lon, {"standard_name": "longitude", "units": "degrees_east", "axis": "X",
+                                 "bounds": "lon_bnds"}),
+        }
+        data: dict[str, Any] = {
+            "lat_bnds": (("lat", "nv"), np.stack([lat_e[:-1], lat_e[1:]], axis=1)),
+            "lon_bnds": (("lon", "nv"), np.stack([lon_e[:-1], lon_e[1:]], axis=1)),
+            "ptop": ((), 0.0, {"long_name": "pressure at the model top", "units": "Pa"}),
+        }
+        bounds = self.model.card.get("level_bounds")
+        if bounds:
+            data["level_bnds"] = (("level", "nv"), np.array(bounds, dtype=np.float64))
+        else:
+            coords["level"][2].pop("bounds")
+        members = self.cfg.output_members and bool(self.output_members)
+        if members:
+            coords["member"] = ("member", np.arange(self.cfg.members, dtype=np.int32),
+                                {"standard_name": "realization", "long_name": "ensemble member", "units": "1"})
+            member_frames = np.stack(self.output_members)  # (time, member, C, H, W)
         for var in STATE_VARIABLES:
             chans = self.channel_slice(var)
             info = VARIABLES[var]
-            dims: tuple[str, ...] = ("time", "level", "lat", "lon") if len(chans) > 1 else ("time", "lat", "lon")
-            m = mean[:, chans] if len(chans) > 1 else mean[:, chans[0]]
-            s = spread[:, chans] if len(chans) > 1 else spread[:, chans[0]]
-            ds[var] = (dims, m, {"units": info.units, "long_name": f"ensemble mean {info.long_name}",
-                                 "standard_name": info.standard_name})
-            ds[f"{var}_spread"] = (dims, s, {"units": info.units, "long_name": f"ensemble spread of {info.long_name}"})
-        ds.attrs.update({"Conventions": "CF-1.11", "source": "wind-bmi WindBmi", "members": self.cfg.members,
-                         "config": json.dumps(to_dict(self.cfg))})
-        enc = {"time": {"units": "hours since 1900-01-01 00:00:00", "calendar": self.calendar}}
+            three_d = len(chans) > 1
+            dims: tuple[str, ...] = ("time", "level", "lat", "lon") if three_d else ("time", "lat", "lon")
+            sel: Any = chans if three_d else chans[0]
+            base = {"units": info.units, "standard_name": info.standard_name}
+            data[var] = (dims, mean[:, sel], {**base, "long_name": f"ensemble mean {info.long_name}",
+                                            "cell_methods": "realization: mean",
+                                            "ancillary_variables": f"{var}_spread"})
+            data[f"{var}_spread"] = (dims, spread[:, sel], {**base, "long_name": f"ensemble spread of {info.long_name}",
+                                                          "cell_methods": "realization: standard_deviation"})
+            if members:
+                mdims = ("time", "member", *dims[1:])
+                mem = member_frames[:, :, sel]
+                data[f"{var}_members"] = (mdims, mem, {**base, "long_name": f"ensemble members: {info.long_name}"})
+        ds = xr.Dataset(data, coords=coords)
+        ds.attrs.update({"Conventions": "CF-1.8", "title": "WIND ensemble (wind-bmi WindBmi)",
+                         "source": f"wind-bmi, prior {self.model.card.get('name', '')}",
+                         "members": self.cfg.members, "config": json.dumps(to_dict(self.cfg))})
+        enc: dict[str, dict[str, Any]] = {name: {"_FillValue": None} for name in
+                                          [*coords, "lat_bnds", "lon_bnds", "ptop", *(["level_bnds"] if bounds else [])]}
+        enc["time"].update({"dtype": "float64"})
         tmp = path.with_name(path.name + ".tmp")
         ds.to_netcdf(tmp, encoding=enc)
         os.replace(tmp, path)

@@ -228,6 +228,7 @@ class BmiConfig:
     observation_error: dict[str, float] = dataclasses.field(default_factory=dict)
     host_grid: HostGridConfig = HostGridConfig()
     output: str = ""
+    output_members: bool = True
     restart_file: str = ""
     run_hours: float = 120.0
     device: str = "cpu"

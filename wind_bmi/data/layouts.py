@@ -88,6 +88,8 @@ def canonicalise(ds: xr.Dataset) -> xr.Dataset:
             out = out.isel(number=0)
         if "level" in out.coords:
             out["level"].attrs.setdefault("units", "hPa")
+    if "time" in out.coords and "time" not in out.dims:  # one time as a scalar coordinate (a WB2 snapshot)
+        out = out.expand_dims("time")
     out = out.sortby("lat")
     lon = out["lon"].values
     if np.any(lon < 0):

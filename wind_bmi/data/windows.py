@@ -49,8 +49,8 @@ def stack_channels(ds: xr.Dataset, channels: Sequence[Channel]) -> np.ndarray:
     parts = []
     for ch in channels:
         da = ds[ch.variable]
-        if ch.level is not None:
-            da = da.sel(level=ch.level)
+        if ch.level is not None:  # files may store sigma in float32: match to 1e-5
+            da = da.sel(level=ch.level, method="nearest", tolerance=1e-5)
         parts.append(np.asarray(da.transpose("time", "lat", "lon").values, dtype=np.float32))
     return np.stack(parts, axis=1)
 
