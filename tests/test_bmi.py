@@ -64,12 +64,12 @@ def test_time_units_are_cf_with_the_reference_date_and_calendar(bmi_config: Path
     import cftime
 
     b = make(bmi_config)
-    ds = open_any(b.component.sample_path)
-    start = ds["time"].values[0]  # context_frames 1: time 0 is the first frame
+    times = list(open_any(b.component.sample_path)["time"].values)
+    start = next(t for t in times if t.strftime("%Y-%m-%d %H:%M:%S") == "2002-03-02 00:00:00")  # the config's
     units, calendar = b.get_time_units(), b.get_calendar()
-    assert units == f"hours since {start.strftime('%Y-%m-%d %H:%M:%S')}" and calendar == start.calendar
+    assert units == "hours since 2002-03-02 00:00:00" and calendar == start.calendar
     b.update()
-    assert cftime.num2date(b.get_current_time(), units, calendar) == ds["time"].values[4]  # +24 h, read by cftime
+    assert cftime.num2date(b.get_current_time(), units, calendar) == times[times.index(start) + 4]  # +24 h
 
 
 def test_update_until_between_window_boundaries_is_refused_and_changes_nothing(bmi_config: Path) -> None:
@@ -310,3 +310,27 @@ def test_host_grid_config_errors_name_the_key(bmi_config: Path, tmp_path: Path) 
     with pytest.raises(ValueError, match=f"{HOST_T}: expected 32 values"):
         b.set_value(HOST_T, np.zeros(5))
     assert np.isnan(b.get_value(HOST_T, np.empty(32))).all()
+
+
+def test_member_outputs_sit_on_a_point_set_at_their_cells(bmi_config: Path) -> None:
+    """Members are an unstructured grid of nodes only whose node i is the i-th value of the flat
+    (member, level, lat, lon) array: its x, y, z are that cell's longitude, latitude and sigma."""
+    b = make(bmi_config)
+    name = T_NAME + "_ensemble_members"
+    g = b.get_var_grid(name)
+    assert b.get_grid_type(g) == "unstructured" and b.get_grid_rank(g) == 3
+    n = b.get_grid_node_count(g)
+    assert n == b.get_grid_size(g) and b.get_grid_face_count(g) == 0 and b.get_grid_edge_count(g) == 0
+    x, y, z = (getter(g, np.empty(n)) for getter in (b.get_grid_x, b.get_grid_y, b.get_grid_z))
+    shape = tuple(b.get_grid_shape(0, np.empty(3, dtype=int)))
+    members = n // int(np.prod(shape))
+    lat, lon, lev = b.get_grid_y(0, np.empty(shape[1])), b.get_grid_x(0, np.empty(shape[2])), \
+        b.get_grid_z(0, np.empty(shape[0]))
+    for i in (0, 1, shape[2] + 3, n - 1, n // members + 5):
+        m, k, j, w = np.unravel_index(i, (members, *shape))
+        assert (x[i], y[i], z[i]) == (lon[w], lat[j], lev[k])
+    values = b.get_value(name, np.empty(n)).reshape(members, *shape)
+    np.testing.assert_allclose(values.mean(axis=0).reshape(-1), b.get_value(T_NAME, np.empty(int(np.prod(shape)))),
+                               rtol=1e-5)
+    with pytest.raises(NotImplementedError, match="rectilinear"):
+        b.get_grid_face_count(0)

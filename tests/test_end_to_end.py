@@ -70,6 +70,12 @@ def test_evaluate_all_quick_records(tmp_path: Path, capsys: pytest.CaptureFixtur
                 and (variable is None or r["variable"] == variable) and (lead is None or r["lead_hours"] == lead)]
         return float(v)
 
+    # every guided task reports how well it honours each of its operators
+    for task in ("downscale", "temporal", "sparse_1%", "sparse_5%", "warming"):
+        resid = [r["value"] for r in recs if r["task"] == task and r["metric"] == "whitened_residual"]
+        assert resid and all(math.isfinite(v) and v > 0 for v in resid), task
+    assert abs(value("wind", "increment_vs_control_K_mean", "temperature") - 2.0) < 0.1  # warming as told
+    assert 0.0 < value("free_run_warmed_start", "signal_kept_last_frame", "temperature") < 1.0
     assert value("gcm_sst_plus_2k", "p99_change_percent_per_K") == pytest.approx(7.0, rel=1e-3)
     assert value("gcm_sst_plus_2k", "mean_change") == pytest.approx(2.0, rel=1e-4)
     # the T21 GCM started from the truncated truth: a real forecast, better than climatology at 24 h

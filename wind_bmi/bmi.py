@@ -374,7 +374,8 @@ class WindBmi(Bmi):
     # -- grids -----------------------------------------------------------------------------
     def get_grid_rank(self, grid: int) -> int:
         self._check_grid(grid)
-        return {GRID_3D: 3, GRID_3D_COARSE: 3, GRID_2D: 2, GRID_2D_COARSE: 2, GRID_SCALAR: 0, GRID_HOST: 2}.get(grid, 1)
+        return {GRID_3D: 3, GRID_3D_COARSE: 3, GRID_2D: 2, GRID_2D_COARSE: 2, GRID_SCALAR: 0, GRID_HOST: 2,
+                GRID_MEMBERS_3D: 3, GRID_MEMBERS_2D: 2}[grid]
 
     def get_grid_size(self, grid: int) -> int:
         self._check_grid(grid)
@@ -384,7 +385,12 @@ class WindBmi(Bmi):
         self._check_grid(grid)
         if grid == GRID_SCALAR:
             return "scalar"
-        # member grids are rank-1 rectilinear over the flat (member, [level,] lat, lon) index
+        # every member's value sits at its cell's (lon, lat[, sigma]): an unstructured grid of nodes only
+        # (a point set, no edges or faces) whose node i is the
+        # i-th value of the flat C-order (member, [level,] lat, lon) array, so a coupler or plot puts it
+        # where it belongs (the members of a cell share its coordinates)
+        if grid in (GRID_MEMBERS_3D, GRID_MEMBERS_2D):
+            return "unstructured"  # nodes only: no edges, no faces
         return "rectilinear"
 
     def get_grid_shape(self, grid: int, shape: NDArray[np.int_]) -> NDArray[np.int_]:
@@ -396,8 +402,13 @@ class WindBmi(Bmi):
     def _coords(self, grid: int) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
         c = self._comp
         if grid in (GRID_MEMBERS_3D, GRID_MEMBERS_2D):
-            n = float(self._grid_shape(grid)[0])
-            return np.arange(n), np.zeros(0), np.zeros(0)
+            lat, lon = c.model.lat.numpy(), c.model.lon.numpy()
+            shape = (c.cfg.members, c.K, c.H, c.W) if grid == GRID_MEMBERS_3D else (c.cfg.members, c.H, c.W)
+            z = np.asarray(c.levels, dtype=np.float64)
+            x = np.broadcast_to(lon, shape).reshape(-1)
+            y = np.broadcast_to(lat[:, None], shape).reshape(-1)
+            zz = np.broadcast_to(z[:, None, None], shape).reshape(-1) if grid == GRID_MEMBERS_3D else np.zeros(0)
+            return x, y, zz
         if grid == GRID_HOST and c.host_grid is not None:
             return c.host_grid.lon, c.host_grid.lat, np.zeros(0)
         lat, lon = c.model.lat.numpy(), c.model.lon.numpy()
@@ -431,23 +442,35 @@ class WindBmi(Bmi):
     def get_grid_node_count(self, grid: int) -> int:
         return self.get_grid_size(grid)
 
+    def _point_set(self, grid: int) -> None:
+        """The member grids are point sets (no edges or faces); other grids have no connectivity at all."""
+        if self.get_grid_type(grid) != "unstructured":
+            raise NotImplementedError(f"grid {grid} is {self.get_grid_type(grid)}: edges and faces are defined "
+                                      f"for unstructured grids only")
+
     def get_grid_edge_count(self, grid: int) -> int:
-        raise NotImplementedError("edges are defined for unstructured grids only")
+        self._point_set(grid)
+        return 0
 
     def get_grid_face_count(self, grid: int) -> int:
-        raise NotImplementedError("faces are defined for unstructured grids only")
+        self._point_set(grid)
+        return 0
 
     def get_grid_edge_nodes(self, grid: int, edge_nodes: NDArray[np.int_]) -> NDArray[np.int_]:
-        raise NotImplementedError("edges are defined for unstructured grids only")
+        self._point_set(grid)
+        return edge_nodes
 
     def get_grid_face_edges(self, grid: int, face_edges: NDArray[np.int_]) -> NDArray[np.int_]:
-        raise NotImplementedError("faces are defined for unstructured grids only")
+        self._point_set(grid)
+        return face_edges
 
     def get_grid_face_nodes(self, grid: int, face_nodes: NDArray[np.int_]) -> NDArray[np.int_]:
-        raise NotImplementedError("faces are defined for unstructured grids only")
+        self._point_set(grid)
+        return face_nodes
 
     def get_grid_nodes_per_face(self, grid: int, nodes_per_face: NDArray[np.int_]) -> NDArray[np.int_]:
-        raise NotImplementedError("faces are defined for unstructured grids only")
+        self._point_set(grid)
+        return nodes_per_face
 
     # -- extras (not BMI) -------------------------------------------------------------------------
     def save_restart(self, path: str) -> None:
