@@ -28,12 +28,13 @@ from typing import Any
 import numpy as np
 import xarray as xr
 import yaml
+from wind_bmi.model.physics import latitude_weights
 
-from wind_bmi.bmi import VARIABLE_TABLE, _twin
+from wind_bmi.bmi import VARIABLE_TABLE
 from wind_bmi.config import AssimilationConfig, ConfigError, load_config
 from wind_bmi.data.layouts import open_any
 from wind_bmi.data.windows import Channel, stack_channels
-from wind_bmi.variables import VARIABLES
+from wind_bmi.variables import STATE_VARIABLES, VARIABLES, derived_name
 
 OBS_NAME = "atmosphere_air__observed_temperature"
 STATE_NAME = "atmosphere_air__temperature"
@@ -72,7 +73,6 @@ def observed_variables(cfg: AssimilationConfig) -> dict[str, float]:
 
     Raises ConfigError naming the key when an extra is not a state variable or its error is not positive.
     """
-    from wind_bmi.component import STATE_VARIABLES
 
     out = {"temperature": cfg.obs_error}
     for var, err in cfg.extra_observations.items():
@@ -155,8 +155,7 @@ def run_assimilation(cfg: AssimilationConfig, out: str | Path, comm: Any = None)
     K, H, W = comp.K, comp.H, comp.W
     rng = np.random.default_rng(cfg.seed * 7919 + rank)
     stations = rng.choice(H * W, size=max(1, int(cfg.obs_fraction * H * W)), replace=False)
-    lat_w = np.cos(np.deg2rad(comp.model.lat.numpy()))[None, :, None] * np.ones((K, H, W))
-    lat_w = (lat_w / lat_w.mean()).reshape(-1)
+    lat_w = (latitude_weights(comp.model.lat).numpy()[None, :, None] * np.ones((K, H, W))).reshape(-1)
     extras = [v for v in observed if v != "temperature"]
     # scored beside temperature, observed or not: the winds and surface pressure (and any other extra)
     scored = list(dict.fromkeys(["u_wind", "v_wind", "surface_pressure", *extras]))
@@ -199,7 +198,7 @@ def run_assimilation(cfg: AssimilationConfig, out: str | Path, comm: Any = None)
         try:
             da.set_value_at_indices(OBS_NAME, g_idx, g_val)
             for name, (e_idx, e_val, *_) in merged_extra.items():
-                da.set_value_at_indices(_twin(VARIABLES[name].csdms, "observed"), e_idx, e_val)
+                da.set_value_at_indices(derived_name(VARIABLES[name].csdms, "observed"), e_idx, e_val)
             da.update()
             free.update()
             status: str | None = None

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from wind_bmi.coupling.assimilate import weighted_rms
 from wind_bmi.model.checkpoint import load_prior, shipped_card_path
+from wind_bmi.model.physics import latitude_weights
 from wind_bmi.model.tasks import WindModel
 
 from wind_bmi.data import shipped_sample_path
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     x = torch.from_numpy(stack_channels(ds.isel(time=slice(0, need)), [Channel(v, lv) for v, lv in wm.channels]))
     tc = wm.channels_of("temperature")
     lat = wm.lat.float()
-    w = torch.cos(torch.deg2rad(lat))
+    w = latitude_weights(wm.lat).float()
     if args.denoise_levels:
         return _denoise_levels(wm, x, args, tc, w)
     errs, pers = [], []

@@ -334,3 +334,22 @@ def test_member_outputs_sit_on_a_point_set_at_their_cells(bmi_config: Path) -> N
                                rtol=1e-5)
     with pytest.raises(NotImplementedError, match="rectilinear"):
         b.get_grid_face_count(0)
+
+
+def test_a_prior_without_the_served_variables_is_refused_by_name(bmi_config: Path, tiny_model: Path,
+                                                                   tmp_path: Path) -> None:
+    """An ERA5-style card (other variable names) cannot be served as the SPEEDY component: refused at
+    initialize, naming what is missing and what the card has."""
+    import json
+    import shutil
+
+    card = json.loads(tiny_model.read_text())
+    for ch in card["channels"]:
+        if ch["variable"] == "precipitation":
+            ch["variable"] = "total_precipitation_6hr"
+    other = tmp_path / "era5like" / tiny_model.name
+    other.parent.mkdir()
+    other.write_text(json.dumps(card))
+    shutil.copy(tiny_model.with_suffix(".safetensors"), other.with_suffix(".safetensors"))
+    with pytest.raises(ConfigError, match=r"no channels for \['precipitation'\].*total_precipitation_6hr"):
+        make(bmi_config, model=str(other))

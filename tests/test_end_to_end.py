@@ -141,7 +141,9 @@ def test_forecast_skill_example_scores_against_an_independent_persistence() -> N
     out = run(["--starts", "3", "4", "--members", "2", "--steps", "2"])
     ds = open_any(shipped_sample_path())
     t = ds["temperature"].transpose("time", "level", "lat", "lon").values.astype(np.float64)
-    w = np.cos(np.deg2rad(ds["lat"].values))
+    lat = ds["lat"].values  # area weights |d sin lat| with edges midway and the poles at the ends, mean 1
+    edges = np.concatenate([[-90.0], 0.5 * (lat[1:] + lat[:-1]), [90.0]])
+    w = np.abs(np.diff(np.sin(np.deg2rad(edges))))
     w = w / w.mean()
     d = np.stack([t[4] - t[3], t[5] - t[4]])
     assert out["persistence_6h_K"] == pytest.approx(float(np.sqrt((d**2 * w[:, None]).mean())), rel=1e-5)
@@ -177,7 +179,9 @@ def test_forecast_skill_denoise_levels_scores_the_noise_it_added() -> None:
         expected = s / a * float(np.sqrt(np.mean(std**2)))
         assert out["levels"][key]["noisy_input_K"] == pytest.approx(expected, rel=0.03)
     t = ds["temperature"].transpose("time", "level", "lat", "lon").values.astype(np.float64)
-    w = np.cos(np.deg2rad(ds["lat"].values))
+    lat = ds["lat"].values  # area weights |d sin lat| with edges midway and the poles at the ends, mean 1
+    edges = np.concatenate([[-90.0], 0.5 * (lat[1:] + lat[:-1]), [90.0]])
+    w = np.abs(np.diff(np.sin(np.deg2rad(edges))))
     w = w / w.mean()
     d = np.stack([t[4] - t[3], t[5] - t[4]])
     assert out["levels"]["1"]["persistence_K"] == pytest.approx(float(np.sqrt((d**2 * w[:, None]).mean())), rel=1e-5)

@@ -29,9 +29,9 @@ import numpy as np
 from bmipy import Bmi
 from numpy.typing import NDArray
 
-from wind_bmi.component import STATE_VARIABLES, ComponentError, WindComponent
+from wind_bmi.component import ComponentError, WindComponent
 from wind_bmi.config import BmiConfig, ConfigError, from_dict, load_config
-from wind_bmi.variables import VARIABLES
+from wind_bmi.variables import STATE_VARIABLES, VARIABLES, derived_name
 
 GRID_3D, GRID_2D, GRID_3D_COARSE, GRID_2D_COARSE, GRID_SCALAR, GRID_MEMBERS_3D, GRID_MEMBERS_2D, GRID_HOST = range(8)
 
@@ -58,11 +58,6 @@ class VarSpec:
     scale: float = 1.0
 
 
-def _twin(csdms: str, word: str) -> str:
-    obj, quantity = csdms.split("__", 1)
-    return f"{obj}__{word}_{quantity}"
-
-
 def build_variable_table() -> dict[str, VarSpec]:
     table: dict[str, VarSpec] = {}
     for var in STATE_VARIABLES:
@@ -74,8 +69,9 @@ def build_variable_table() -> dict[str, VarSpec]:
         table[info.csdms + "_ensemble_spread"] = VarSpec(info.csdms + "_ensemble_spread", var, "spread", g, units, scale)
         table[info.csdms + "_ensemble_members"] = VarSpec(info.csdms + "_ensemble_members", var, "members", gm, units,
                                                           scale)
-        table[_twin(info.csdms, "observed")] = VarSpec(_twin(info.csdms, "observed"), var, "observed", g, units, scale)
-        table[_twin(info.csdms, "coarse")] = VarSpec(_twin(info.csdms, "coarse"), var, "coarse", gc, units, scale)
+        for word, grid in (("observed", g), ("coarse", gc)):
+            name = derived_name(info.csdms, word)
+            table[name] = VarSpec(name, var, word, grid, units, scale)
     for name, (key, units) in SCALAR_TARGETS.items():
         table[name] = VarSpec(name, key, "scalar", GRID_SCALAR, units)
     for name, units in DIAGNOSTICS.items():
@@ -89,7 +85,7 @@ def host_variable_table() -> dict[str, VarSpec]:
     for var in STATE_VARIABLES:
         info = VARIABLES[var]
         units, scale = BMI_UNITS.get(var, (info.units, 1.0))
-        name = _twin(info.csdms, "host_observed")
+        name = derived_name(info.csdms, "host_observed")
         table[name] = VarSpec(name, var, "host_observed", GRID_HOST, units, scale)
     return table
 

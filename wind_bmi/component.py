@@ -30,11 +30,11 @@ from wind_bmi.model.checkpoint import CheckpointError, load_prior
 from wind_bmi.model.operators import AveragePoolOperator, MaskOperator, Observation, SparseLinearOperator
 from wind_bmi.model.solvers import SOLVERS
 from wind_bmi.model.tasks import Constraint, WindModel
+from wind_bmi.variables import STATE_VARIABLES, VARIABLES
 
 if TYPE_CHECKING:  # scipy (via the regridder) registers a warnings filter on import: load it only when used
     from wind_bmi.coupling.regrid import LatLonGrid, Regridder
 
-STATE_VARIABLES = ("temperature", "u_wind", "v_wind", "specific_humidity", "surface_pressure", "precipitation")
 DEFAULT_OBS_ERROR = {"temperature": 0.5, "u_wind": 1.0, "v_wind": 1.0, "specific_humidity": 2e-4,
                      "surface_pressure": 100.0, "precipitation": 2e-5}
 
@@ -88,6 +88,12 @@ class WindComponent:
         self.model = WindModel(prior, cfg.device, bf16=None, steps=cfg.sampler.steps,
                                eta=cfg.sampler.eta, method=cfg.guidance.method,
                                iterations=cfg.guidance.iterations, solver=cfg.guidance.solver)
+        missing = [v for v in STATE_VARIABLES if not any(c == v for c, _ in self.model.channels)]
+        if missing:
+            have = sorted({c for c, _ in self.model.channels})
+            raise ComponentError(f"config key 'model': the prior's card has no channels for {missing} (it has {have}); "
+                                 f"WindBmi serves {list(STATE_VARIABLES)}: use a prior trained on the SPEEDY "
+                                 f"variables")
         T = self.model.T
         if not 1 <= cfg.context_frames < T:
             raise ComponentError(f"config key 'context_frames': expected 1..{T - 1}, got {cfg.context_frames}")
@@ -375,8 +381,6 @@ class WindComponent:
         parametric definition (``p = ptop + sigma (ps - ptop)``, ``ptop`` = 0), latitude, longitude and
         sigma their cell bounds; coordinates have no fill value; time is in the BMI's units.
         """
-        from wind_bmi.variables import VARIABLES
-
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         hours = np.array([h for h, _, _ in self.output_frames], dtype=np.float64)

@@ -58,3 +58,14 @@ VARIABLES: dict[str, Variable] = {
 #: Eastward/northward vector components, in project names (SPEEDY and the ERA5 layouts' 10-m winds):
 #: their local axes reverse across a pole, so the network's pole-crossing halo negates them.
 VECTOR_VARIABLES = ("u_wind", "v_wind", "10m_u_wind", "10m_v_wind")
+
+
+#: The variables the BMI component serves (state, spread, members, observed and coarse inputs).
+STATE_VARIABLES = ("temperature", "u_wind", "v_wind", "specific_humidity", "surface_pressure", "precipitation")
+
+
+def derived_name(csdms: str, word: str) -> str:
+    """The CSDMS name of a derived quantity: ``word`` before the quantity (``atmosphere_air__temperature``,
+    ``observed`` -> ``atmosphere_air__observed_temperature``)."""
+    obj, quantity = csdms.split("__", 1)
+    return f"{obj}__{word}_{quantity}"

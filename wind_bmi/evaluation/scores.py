@@ -11,12 +11,12 @@ from numpy.typing import NDArray
 
 
 def latitude_weights(lat_deg: NDArray[np.float64]) -> NDArray[np.float64]:
-    """Area weights per latitude row, mean 1 (edges midway between rows, poles at the ends)."""
-    lat = np.asarray(lat_deg, dtype=np.float64)
-    sign = 1.0 if lat[-1] > lat[0] else -1.0
-    edges = np.concatenate([[-90.0 * sign], 0.5 * (lat[1:] + lat[:-1]), [90.0 * sign]])
-    w = np.abs(np.diff(np.sin(np.deg2rad(edges))))
-    return w / w.mean()
+    """Area weights per latitude row, mean 1: :func:`wind_bmi.model.physics.latitude_weights` in numpy."""
+    import torch
+
+    from wind_bmi.model.physics import latitude_weights as weights
+
+    return weights(torch.from_numpy(np.asarray(lat_deg, dtype=np.float64))).numpy()
 
 
 def _wmean(x: NDArray[np.float64], lat: NDArray[np.float64]) -> NDArray[np.float64]:
