@@ -51,10 +51,9 @@ def test_shipped_band_limit_holds_for_held_out_data_and_is_used(wm: WindModel, s
     assert float(polar) < 0.25 < float(equator)
 
 
-QUALITY = pytest.mark.xfail(reason="known (issue 3): the shipped prior (3250 + 1000 fine-tuning steps, 145 min of "
-                                   "CPU, test MSE per band 0.009/0.028/0.068/0.231 with its band limit) is "
-                                   "undertrained: its full-noise estimates and 4x downscaling are not yet good enough",
-                            strict=False)
+QUALITY = pytest.mark.xfail(reason="known limit of the shipped prior (3250 + 1000 steps on a 2-core CPU; "
+                                   "docs/model_card.md): its full-noise estimates and 4x downscaling are not yet "
+                                   "good enough", strict=False)
 
 
 def test_forecast_is_physically_plausible(wm: WindModel, sample: torch.Tensor) -> None:
@@ -84,10 +83,9 @@ def test_24h_ensemble_forecast_beats_climatology_by_far(wm: WindModel, sample: t
     """A 24-h 4-member ensemble mean from four starts of the sample (one clean context frame, as
     ``update()`` runs) has at most 0.6 of climatology's RMSE (climatology is 0 in normalised units).
 
-    Until 2026-12-05 this was one start against 0.5: a coin flip for every prior measured (the
-    session-9 prior gave 0.575 / 0.604 / 0.590 / 0.581 with seeds 6-9 against a bar of 0.580). Over
-    these four starts (seeds 6 / 7): the shipped in-budget prior 0.54 / 0.55, the session-9 prior
-    0.52 / 0.52, the session-5 prior without frame mixers 0.73 / 0.74, persisting the start 0.48."""
+    One start against a tighter bar is a coin flip; over these four starts (seeds 6 / 7) the shipped
+    prior gives 0.54 / 0.55, the same network without frame mixers 0.73 / 0.74 (it fails), persisting
+    the start 0.48."""
     g = torch.Generator().manual_seed(6)
     x = wm.normalise(sample)
     err, clim = [], []

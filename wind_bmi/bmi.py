@@ -2,7 +2,7 @@
 
 State, clock and sampling live in :class:`wind_bmi.component.WindComponent`.
 
-Variables (CSDMS names; see README for the full table):
+Variables (CSDMS names; the full table is in docs/bmi.md):
 
 * outputs (ensemble mean at the current time): ``atmosphere_air__temperature`` ... on grid 0
   (rank 3: sigma level, latitude ascending, longitude) or grid 1 (rank 2: latitude, longitude);

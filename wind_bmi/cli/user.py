@@ -1,4 +1,4 @@
-"""Subcommands built on the component: ``run`` (and later ``evaluate``, ``bench``, ``assimilate``)."""
+"""User commands: run the component, evaluate it, cycle data assimilation, inspect and cut data."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from wind_bmi.cli.args import existing_path, iso_date, positive_int, writable_folder
 from wind_bmi.config import BmiConfig, load_config
 
 
@@ -46,8 +47,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from wind_bmi.bmi import WindBmi
-    from wind_bmi.cli import writable_folder
-
     cfg = load_config(args.config, BmiConfig)
     out = Path(args.out) if args.out else Path(cfg.output or "out/run").parent
     writable_folder(str(out))
@@ -94,16 +93,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from wind_bmi.cli import writable_folder
-    from wind_bmi.evaluation.bench import run_bench
-
-    writable_folder(args.out)
-    path = run_bench(args.out, quick=args.quick, model=args.model, steps=args.steps)
-    print(f"wrote {path} and {path.parent / 'bench.md'}")
-    return 0
-
-
 def cmd_assimilate(args: argparse.Namespace) -> int:
     import os
     import sys
@@ -133,21 +122,59 @@ def cmd_assimilate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_report_prior(args: argparse.Namespace) -> int:
-    from wind_bmi.evaluation.prior_report import run_prior_report
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    from wind_bmi.data.layouts import LayoutError, inspect_path
 
-    if not Path(args.data).exists():
-        raise ValueError(f"--data {args.data!r} does not exist")
-    rep = run_prior_report(args.data, args.out, card=args.model, rollout_days=args.days, steps=args.steps,
-                           history=args.history, update_card=args.write_card, rollout_members=args.members,
-                           rollout_seed=args.seed, band_limit=not args.no_band_limit)
-    print(json.dumps({k: v for k, v in rep.items() if k != "unconditional_stats"}, indent=1))
+    status = 0
+    for path in args.paths:
+        try:
+            report = inspect_path(path)
+        except LayoutError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            status = 2
+            continue
+        if args.json:
+            print(json.dumps(report, indent=1))
+            continue
+        print(f"{report['path']}: layout {report['layout']}")
+        g, t = report["grid"], report["time"]
+        print(f"  grid: {g['nlat']} x {g['nlon']} (lat {g['lat_range']}, lon {g['lon_range']})")
+        print(f"  levels: {report['levels']}")
+        if t["count"] == 1:
+            print(f"  time: {t['first']} (one time, no step)")
+        else:
+            print(f"  time: {t['first']} .. {t['last']} ({t['count']} times, steps of {t['steps_hours']} h)")
+        for name, v in report["variables"].items():
+            print(f"  {name:28s} {v['units']:12s} {v['dims']}")
+    return status
+
+
+def cmd_data_subset(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from wind_bmi.data.speedy import write_subset
+
+    writable_folder(str(Path(args.out).parent))
+    path = write_subset(args.src, args.out, args.start, args.days, drop=tuple(args.drop))
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0
 
 
-def add_commands(sub: Any) -> None:
-    """Register the component-level subcommands on the ``wind-bmi`` parser."""
-    from wind_bmi.cli import existing_path, positive_float, positive_int
+def add_commands(sub: Any, dsub: Any) -> None:
+    """Register the user commands (``run``, ``evaluate``, ``assimilate``, ``data inspect``, ``data subset``)."""
+    ins = dsub.add_parser("inspect", help="report variables, levels, grid and time span of files or folders")
+    ins.add_argument("paths", nargs="+")
+    ins.add_argument("--json", action="store_true", help="print JSON")
+    ins.set_defaults(func=cmd_data_inspect)
+
+    sub_ = dsub.add_parser("subset", help="cut a few days out of a dataset into one compact file (e.g. the shipped sample)")
+    sub_.add_argument("src", type=existing_path, help="file or folder in a recognised layout")
+    sub_.add_argument("--out", required=True, help="output netCDF file")
+    sub_.add_argument("--start", type=iso_date, required=True, help="first time kept, YYYY-MM-DD")
+    sub_.add_argument("--days", type=positive_int, required=True, help="days kept")
+    sub_.add_argument("--drop", nargs="*", default=["geopotential"], help="variables left out")
+    sub_.set_defaults(func=cmd_data_subset)
+
     run = sub.add_parser("run", help="drive WindBmi headless for the configured span; netCDF + quick-look PNG",
                          description="Initialise WindBmi from CONFIG (kind: bmi), update until run_hours, write the "
                                      "ensemble mean and spread as CF netCDF and a quick-look map.")
@@ -176,25 +203,3 @@ def add_commands(sub: Any) -> None:
                     help="2 cycles, 2 members, 4 steps, truth = the shipped sample (a first run on a fresh clone)")
     da.add_argument("--out", default="out/assimilate", help="output folder")
     da.set_defaults(func=cmd_assimilate)
-
-    rp = sub.add_parser("report-prior", help="the prior's scorecard on held-out data (losses, spectra, rollout)")
-    rp.add_argument("--data", required=True, help="held-out data (e.g. data/speedy/test)")
-    rp.add_argument("--out", required=True, help="folder for figures and prior_report.json")
-    rp.add_argument("--model", help="model card (default: the shipped prior)")
-    rp.add_argument("--days", type=positive_float, default=60.0, help="length of the unguided rollout")
-    rp.add_argument("--members", type=positive_int, default=4, help="independent rollout members (batched)")
-    rp.add_argument("--seed", type=int, default=1, help="seed of the rollout members' generator")
-    rp.add_argument("--steps", type=positive_int, help="sampler steps (default: the BMI's, DDIM)")
-    rp.add_argument("--history", help="train_state.json with the training history")
-    rp.add_argument("--write-card", action="store_true",
-                    help="also store the report in the card as test_report (the card is never touched without it)")
-    rp.add_argument("--no-band-limit", action="store_true",
-                    help="sample without the card's zonal band limit (ablation; implies nothing about the card)")
-    rp.set_defaults(func=cmd_report_prior)
-
-    be = sub.add_parser("bench", help="benchmark windows, network, training and memory; bench.json + bench.md")
-    be.add_argument("--out", required=True, help="output folder")
-    be.add_argument("--quick", action="store_true", help="few repetitions, small sizes (for tests)")
-    be.add_argument("--model", type=existing_path, help="model card (default: the shipped prior)")
-    be.add_argument("--steps", type=positive_int, help="sampler steps per window (default: the BMI default sampler.steps)")
-    be.set_defaults(func=cmd_bench)
