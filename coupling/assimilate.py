@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import xarray as xr
 import yaml
 from wind_bmi.model.physics import latitude_weights
@@ -149,18 +150,23 @@ def run_assimilation(cfg: AssimilationConfig, out: str | Path, comm: Any = None)
     da, free = WindBmi(), WindBmi()
     da.initialize(str(_bmi_config(cfg, my_members, cfg.seed + 1000 * rank, truth_path, start_s, out)))
     free.initialize(str(_bmi_config(cfg, my_members, cfg.seed + 1000 * rank, truth_path, start_s, out)))
-    comp = da.component
-    levels = comp.levels
-    n = da.get_grid_size(da.get_var_grid(STATE_NAME))
-    K, H, W = comp.K, comp.H, comp.W
+    grid = da.get_var_grid(STATE_NAME)  # everything about the grid through BMI
+    n = da.get_grid_size(grid)
+    K, H, W = (int(v) for v in da.get_grid_shape(grid, np.zeros(3, dtype=int)))
+    levels = da.get_grid_z(grid, np.empty(K))
+    lat, lon = da.get_grid_y(grid, np.empty(H)), da.get_grid_x(grid, np.empty(W))
+    card = da.model_card
     rng = np.random.default_rng(cfg.seed * 7919 + rank)
     stations = rng.choice(H * W, size=max(1, int(cfg.obs_fraction * H * W)), replace=False)
-    lat_w = (latitude_weights(comp.model.lat).numpy()[None, :, None] * np.ones((K, H, W))).reshape(-1)
+    lat_w = (latitude_weights(torch.from_numpy(lat)).numpy()[None, :, None] * np.ones((K, H, W))).reshape(-1)
     extras = [v for v in observed if v != "temperature"]
     # scored beside temperature, observed or not: the winds and surface pressure (and any other extra)
     scored = list(dict.fromkeys(["u_wind", "v_wind", "surface_pressure", *extras]))
-    scored = [v for v in scored if any(c == v for c, _ in comp.model.channels)]
-    ext_channels = {v: [Channel(c, lv) for c, lv in comp.model.channels if c == v] for v in scored}
+    served = {VARIABLES[v].csdms: v for v in STATE_VARIABLES}
+    outputs = {served[name] for name in da.get_output_var_names() if name in served}
+    scored = [v for v in scored if v in outputs]
+    ext_channels = {v: [Channel(v, float(lv)) for lv in levels] if VARIABLES[v].levels else [Channel(v, None)]
+                    for v in scored}
     ext_size = {v: len(ext_channels[v]) * H * W for v in scored}
     scale = {v: VARIABLE_TABLE[VARIABLES[v].csdms].scale for v in scored}  # project -> BMI units
     history: dict[str, list[float]] = {"rmse_analysis": [], "rmse_free": [], "spread_analysis": [], "n_obs": [],
@@ -251,7 +257,7 @@ def run_assimilation(cfg: AssimilationConfig, out: str | Path, comm: Any = None)
         raise AssimilationError(f"assimilation stopped at a cycle: {failed}")
     ra, rf, sp, ro, ru = (np.mean(history[k][len(history[k]) // 2:]) for k in (
         "rmse_analysis", "rmse_free", "spread_analysis", "rmse_analysis_observed", "rmse_analysis_unobserved"))
-    summary = {"model": comp.model.card.get("name"), "model_sha256": comp.model.card["weights"]["sha256"],
+    summary = {"model": card.get("name"), "model_sha256": card["weights"]["sha256"],
                "cycles": cfg.cycles, "ranks": size, "members": cfg.members, "obs_error_K": cfg.obs_error,
                "observed_variables": observed,
                "rmse_analysis_K": float(ra), "rmse_free_K": float(rf), "spread_analysis_K": float(sp),
@@ -268,8 +274,7 @@ def run_assimilation(cfg: AssimilationConfig, out: str | Path, comm: Any = None)
                                       {"units": "K", "long_name": "analysis ensemble mean temperature"}),
              "temperature_spread": (("time", "level", "lat", "lon"), np.stack(spread_frames).astype(np.float32),
                                     {"units": "K", "long_name": "analysis ensemble spread"})},
-            coords={"time": out_times, "level": np.asarray(levels), "lat": comp.model.lat.numpy(),
-                    "lon": comp.model.lon.numpy()},
+            coords={"time": out_times, "level": np.asarray(levels), "lat": lat, "lon": lon},
             attrs={"Conventions": "CF-1.11", "summary": json.dumps({k: v for k, v in summary.items()
                                                                    if k != "history"})})
         tmp = out / "analysis.nc.tmp"

@@ -115,4 +115,4 @@ def test_two_rank_cycle_assimilates_radiosonde_winds(tmp_path: Path) -> None:
         assert so["analysis"] < bo["analysis"], var  # better over all cells
     for var in ("u_wind", "v_wind"):  # and pulled to the data where observed (surface pressure, whose
         # whitened system is the stiffest, is fitted far more slowly: docs/results.md)
-        assert s["other_variables_rmse"][var]["observed"] < 0.85 * b["other_variables_rmse"][var]["observed"], var
+        assert s["other_variables_rmse"][var]["observed"] < 0.9 * b["other_variables_rmse"][var]["observed"], var

@@ -83,8 +83,8 @@ def test_ocean_observations_pull_wind_towards_the_ocean(wind_cfg: Path, tmp_path
     ocean.sst = ocean.sst + 8.0  # an ocean far warmer than the atmosphere above it
     Coupler({"wind": wind, "ocean": ocean}, [Exchange("ocean", EX["AIR_OUT"], "wind", HOST_T)], 86400.0).step()
     free.update()
-    W = wind.component.host
-    k = wind.component.host_level
+    W = wind.component.assembler.host
+    k = wind.component.assembler.host_level
     chans = wind.component.channel_slice("temperature")
     target = np.where(ocean.ice, np.nan, ocean.sst - 1.0).reshape(-1)
     seen = np.isfinite(target)

@@ -125,7 +125,7 @@ class WindBmi(Bmi):
 
     @property
     def _table(self) -> dict[str, VarSpec]:
-        if self._c is not None and self._c.host is not None:
+        if self._c is not None and self._c.host_grid is not None:
             return {**VARIABLE_TABLE, **HOST_VARIABLE_TABLE}
         return VARIABLE_TABLE
 
@@ -146,25 +146,22 @@ class WindBmi(Bmi):
         }[grid]
 
     def _check_grid(self, grid: int) -> None:
-        n = 8 if self._comp.host is not None else 7
+        n = 8 if self._comp.host_grid is not None else 7
         if grid not in range(n):
             raise KeyError(f"unknown grid id {grid}; grids are 0..{n - 1}")
 
     def _compute(self, spec: VarSpec) -> NDArray[np.float64]:
         c = self._comp
         if spec.role == "scalar":
-            return np.array([c.targets[spec.variable]], dtype=np.float64)
+            return np.array([c.target(spec.variable)], dtype=np.float64)
         if spec.role == "diagnostic":  # the largest over the window's operators; NaN after an unguided window
             values = [r["whitened_residual"] for r in c.report]
             return np.array([max(values) if values else np.nan], dtype=np.float64)
         if spec.role in ("observed", "coarse", "host_observed"):
-            pending = {"observed": c.pending.observed, "coarse": c.pending.coarse,
-                       "host_observed": c.pending.host_grid}[spec.role].get(spec.variable)
+            pending = c.pending_input(spec.role, spec.variable)
             size = int(np.prod(self._grid_shape(spec.grid)))
             return np.full(size, np.nan) if pending is None else pending.reshape(-1) * spec.scale
-        chans = c.channel_slice(spec.variable)
-        src = {"state": c.mean_phys, "spread": c.spread_phys, "members": c.members_phys}[spec.role]
-        return src[..., chans, :, :].astype(np.float64).reshape(-1) * spec.scale
+        return c.field(spec.role, spec.variable).astype(np.float64).reshape(-1) * spec.scale
 
     def _refresh_outputs(self) -> None:
         for name, buf in self._out.items():
@@ -363,7 +360,7 @@ class WindBmi(Bmi):
             return
         setter: Callable[[str, NDArray[Any]], None] = {
             "state": c.set_state, "observed": c.set_observed, "coarse": c.set_coarse,
-        }.get(spec.role, lambda v, a: c.targets.__setitem__(v, float(a[0])))
+        }.get(spec.role, lambda v, a: c.set_target(v, float(a[0])))
         setter(spec.variable, phys.astype(np.float32) if spec.role != "scalar" else phys)
         self._refresh_outputs()
 
@@ -472,6 +469,11 @@ class WindBmi(Bmi):
     def save_restart(self, path: str) -> None:
         """Write a restart file; ``restart_file: PATH`` in the config resumes from it."""
         self._comp.save_restart(path)
+
+    @property
+    def model_card(self) -> dict[str, Any]:
+        """The prior's card (name, weights checksum, training record): provenance for outputs."""
+        return dict(self._comp.model.card)
 
     @property
     def component(self) -> WindComponent:

@@ -9,7 +9,6 @@ operator for that window.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
@@ -22,34 +21,21 @@ import xarray as xr
 from safetensors.numpy import load_file as np_load_file
 from safetensors.numpy import save_file as np_save_file
 
-from wind_bmi.config import BmiConfig, to_dict
+from wind_bmi.config import BmiConfig, ComponentError, to_dict
 from wind_bmi.data import shipped_sample_path
 from wind_bmi.data.layouts import LayoutError, open_any
 from wind_bmi.data.windows import Channel, stack_channels
 from wind_bmi.model.checkpoint import CheckpointError, load_prior
-from wind_bmi.model.operators import AveragePoolOperator, MaskOperator, Observation, SparseLinearOperator
 from wind_bmi.model.solvers import SOLVERS
 from wind_bmi.model.tasks import Constraint, WindModel
-from wind_bmi.variables import STATE_VARIABLES, VARIABLES
+from wind_bmi.observations import ObservationAssembler, PendingInputs
 
-if TYPE_CHECKING:  # scipy (via the regridder) registers a warnings filter on import: load it only when used
-    from wind_bmi.coupling.regrid import LatLonGrid, Regridder
+if TYPE_CHECKING:
+    from wind_bmi.coupling.regrid import LatLonGrid
+from wind_bmi.variables import STATE_VARIABLES, VARIABLES
 
 DEFAULT_OBS_ERROR = {"temperature": 0.5, "u_wind": 1.0, "v_wind": 1.0, "specific_humidity": 2e-4,
                      "surface_pressure": 100.0, "precipitation": 2e-5}
-
-
-class ComponentError(ValueError):
-    """Bad configuration or input for the component; its state is unchanged."""
-
-
-@dataclasses.dataclass
-class PendingInputs:
-    """Inputs set since the last window: sparse observations, coarse fields, scalar targets."""
-
-    observed: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # variable -> (K,H,W)|(H,W), NaN = none
-    coarse: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
-    host_grid: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # variable -> host (nlat, nlon)
 
 
 class WindComponent:
@@ -116,11 +102,8 @@ class WindComponent:
         # the control twin of a warming run (history, generator) and the last window's guidance report
         self.control: tuple[torch.Tensor, torch.Generator] | None = None
         self.report: list[dict[str, Any]] = []
-        self.host: Regridder | None = None
-        self.host_grid: LatLonGrid | None = None
-        self.host_level = 0
-        if cfg.host_grid.enabled:
-            self._setup_host_grid()
+        self.assembler = ObservationAssembler(self.model, self.obs_error, cfg.host_grid, cfg.members,
+                                              self.downscale_factor)
         self._load_initial_condition()
         x0 = self.history[:1, -1:]
         self.m_ref = float(self.model.dry_air_mass(self.model.denormalise(x0))[0, 0])
@@ -129,74 +112,6 @@ class WindComponent:
         self._refresh()
         if cfg.output:
             self._record_output()
-
-    # -- host grid ----------------------------------------------------------------------
-    def _setup_host_grid(self) -> None:
-        """Build (or read) ``W``: WIND grid -> host grid, for host-grid observations ``y = W x``."""
-        from wind_bmi.coupling.regrid import LatLonGrid, Regridder, RegridError
-
-        hg = self.cfg.host_grid
-        if hg.resolution_deg:
-            if hg.lat or hg.lon:
-                raise ComponentError("config key 'host_grid': give either lat/lon or resolution_deg, not both")
-            r = hg.resolution_deg
-            if not 0 < r <= 90 or abs(180 / r - round(180 / r)) > 1e-9:
-                raise ComponentError(f"config key 'host_grid.resolution_deg': expected a divisor of 180, got {r}")
-            lat = np.asarray(-90 + r * (np.arange(round(180 / r)) + 0.5), dtype=np.float64)
-            lon = np.asarray(-180 + r * (np.arange(round(360 / r)) + 0.5), dtype=np.float64)
-        else:
-            lat, lon = np.asarray(hg.lat, dtype=np.float64), np.asarray(hg.lon, dtype=np.float64)
-        try:
-            self.host_grid = LatLonGrid(lat, lon)
-            wind = LatLonGrid(self.model.lat.numpy(), self.model.lon.numpy())
-            if hg.weights:
-                self.host = Regridder.from_esmf_weights(hg.weights, (self.H, self.W), self.host_grid.shape)
-            else:
-                self.host = Regridder.build(wind, self.host_grid, hg.method)
-        except RegridError as exc:
-            raise ComponentError(f"config key 'host_grid': {exc}") from exc
-        self.host_covered = (self.host.weights.getnnz(axis=1) > 0).reshape(self.host_grid.shape)
-        levels = np.asarray(self.levels, dtype=np.float64)
-        self.host_level = int(np.argmin(np.abs(levels - hg.sigma)))
-
-    def host_channel(self, variable: str) -> int:
-        """The channel a host-grid field of ``variable`` observes (3-D: the level nearest ``host_grid.sigma``)."""
-        chans = self.channel_slice(variable)
-        return chans[self.host_level] if len(chans) > 1 else chans[0]
-
-    def set_host_observed(self, variable: str, values: np.ndarray) -> None:
-        """A host-grid field (NaN = unobserved cell), assimilated as ``y = W x`` in the next window."""
-        if self.host is None or self.host_grid is None:
-            raise ComponentError("host-grid observations need 'host_grid' in the config")
-        values = np.asarray(values, dtype=np.float64).reshape(self.host_grid.shape)
-        bad = np.isfinite(values) & ~self.host_covered
-        if bad.any():
-            raise ComponentError(f"{variable}: {int(bad.sum())} host cell(s) have values but no WIND cells map to "
-                                 "them (weights rows are empty); set them to NaN")
-        self.pending.host_grid[variable] = values.copy()
-
-    def _host_grid_observations(self, last: int) -> list[Observation]:
-        obs: list[Observation] = []
-        if self.host is None:
-            return obs
-        Wm = self.host.weights
-        for var, values in self.pending.host_grid.items():
-            flat = values.reshape(-1)
-            rows = np.flatnonzero(np.isfinite(flat))
-            if rows.size == 0:
-                continue
-            sub = Wm[rows].tocoo()
-            chan = self.host_channel(var)
-            op = SparseLinearOperator(torch.from_numpy(sub.row.astype(np.int64)), torch.from_numpy(sub.col.astype(np.int64)),
-                                      torch.from_numpy(sub.data), rows.size, last, chan)
-            # the host value of a mapped cell is a weighted sum of normalised values: W (m + s x) = m W1 + s W x
-            wsum = np.asarray(sub.sum(axis=1)).reshape(-1)
-            mean, std = float(self.model.mean[chan]), float(self.model.std[chan])
-            yn = torch.from_numpy((flat[rows] - mean * wsum) / std).float()
-            vn = self.model.error_variance(torch.full((rows.size,), self.obs_error[var], dtype=torch.float64),
-                                           torch.full((rows.size,), chan, dtype=torch.long))
-            obs.append(Observation(op, yn[None].expand(self.cfg.members, -1), vn.float()[None]))
-        return obs
 
     # -- initial condition ----------------------------------------------------------
     def _load_initial_condition(self) -> None:
@@ -255,6 +170,38 @@ class WindComponent:
     def channel_slice(self, variable: str) -> list[int]:
         return self.model.channels_of(variable)
 
+    # -- the public surface the BMI adapter and the DA driver use ----------------------------
+    @property
+    def host_grid(self) -> LatLonGrid | None:
+        """The host's lat-lon grid of host-grid inputs, or None without ``host_grid`` in the config."""
+        return self.assembler.host_grid
+
+    @property
+    def grid(self) -> tuple[np.ndarray, np.ndarray, list[float]]:
+        """``(lat ascending, lon, sigma levels)`` of the state."""
+        return self.model.lat.numpy(), self.model.lon.numpy(), [float(v) for v in self.levels if v is not None]
+
+    def field(self, role: str, variable: str) -> np.ndarray:
+        """The newest frame of ``variable`` in physical units: ``state`` (ensemble mean), ``spread``
+        (standard deviation, ddof 1) or ``members``; arrays ``([member,] [level,] lat, lon)``."""
+        src = {"state": self.mean_phys, "spread": self.spread_phys, "members": self.members_phys}[role]
+        return src[..., self.channel_slice(variable), :, :]
+
+    def pending_input(self, role: str, variable: str) -> np.ndarray | None:
+        """What was set for the next window (``observed``, ``coarse``, ``host_observed``), or None."""
+        table = {"observed": self.pending.observed, "coarse": self.pending.coarse,
+                 "host_observed": self.pending.host_grid}[role]
+        return table.get(variable)
+
+    def target(self, key: str) -> float:
+        """A scalar target (``dry_air_mass``, ``warming_kelvin``, ``humidity_percent``)."""
+        return float(self.targets[key])
+
+    def set_target(self, key: str, value: float) -> None:
+        if key not in self.targets:
+            raise ComponentError(f"unknown target {key!r}; expected one of {sorted(self.targets)}")
+        self.targets[key] = float(value)
+
     def current_datetime(self) -> Any:
         return self.start_datetime + _timedelta_hours(self.time_hours)
 
@@ -265,6 +212,10 @@ class WindComponent:
     def set_coarse(self, variable: str, values: np.ndarray) -> None:
         self.pending.coarse[variable] = values.copy()
 
+    def set_host_observed(self, variable: str, values: np.ndarray) -> None:
+        """A host-grid field (NaN = unobserved cell), assimilated as ``y = W x`` in the next window."""
+        self.pending.host_grid[variable] = self.assembler.check_host_field(variable, values)
+
     def set_state(self, variable: str, values: np.ndarray) -> None:
         """Replace the newest clean frame of ``variable`` in every member (e.g. a host analysis)."""
         chans = self.channel_slice(variable)
@@ -274,39 +225,6 @@ class WindComponent:
         self._refresh()
 
     # -- stepping ---------------------------------------------------------------------
-    def _observations(self) -> list[Observation]:
-        """Pending inputs of this window as observations on the last generated frame."""
-        T, C, H, W = self.model.T, self.model.C, self.H, self.W
-        M = self.cfg.members
-        obs: list[Observation] = []
-        last = T - 1
-        if self.pending.observed:
-            values = torch.full((T, C, H, W), float("nan"), dtype=torch.float32)
-            for var, arr in self.pending.observed.items():
-                chans = self.channel_slice(var)
-                values[last, chans] = torch.from_numpy(arr.reshape(len(chans), H, W).astype(np.float32))
-            mask = torch.isfinite(values)
-            if mask.any():
-                filled = torch.where(mask, values, torch.zeros(()))
-                norm = self.model.normalise(filled)
-                ch = torch.arange(C)[None, :, None, None].expand_as(mask)[mask]
-                sig = torch.tensor([self.obs_error[self.model.channels[int(c)][0]] for c in range(C)],
-                                   dtype=torch.float64)
-                obs.append(Observation(MaskOperator(mask), norm[mask][None].expand(M, -1),
-                                       self.model.error_variance(sig[ch], ch)))
-        for var, arr in self.pending.coarse.items():
-            chans = self.channel_slice(var)
-            k = self.downscale_factor
-            op = AveragePoolOperator(k, self.model.lat, frames=[last], channels=chans)
-            coarse = torch.from_numpy(arr.reshape(len(chans), H // k, W // k).astype(np.float64))
-            ynorm = ((coarse - self.model.mean[chans, None, None]) / self.model.std[chans, None, None]).float()
-            var_n = self.model.error_variance(torch.full((len(chans),), self.obs_error[var], dtype=torch.float64),
-                                              torch.tensor(chans))
-            obs.append(Observation(op, ynorm.reshape(1, -1).expand(M, -1),
-                                   var_n[:, None].expand(-1, (H // k) * (W // k)).reshape(1, -1)))
-        obs += self._host_grid_observations(last)
-        return obs
-
     def _constraints(self) -> list[Constraint]:
         cons: list[Constraint] = []
         c = self.cfg.constraints
@@ -328,7 +246,7 @@ class WindComponent:
         mask[:k] = True
         win = torch.zeros(self.cfg.members, T, self.model.C, self.H, self.W, device=self.model.device)
         win[:, :k] = self.history[:, -k:]
-        obs = self._observations()
+        obs = self.assembler.observations(self.pending)
         obs += [c(win, mask) for c in self._constraints()]
         control_history = None
         if self.warming:

@@ -23,6 +23,10 @@ class ConfigError(ValueError):
     """A configuration file or mapping is missing, malformed or has a bad key/value."""
 
 
+class ComponentError(ValueError):
+    """Bad configuration or input for the component; its state is unchanged."""
+
+
 @dataclasses.dataclass(frozen=True)
 class GenerateConfig:
     """Options of the SPEEDY-world data generator (``wind-bmi data generate``).
