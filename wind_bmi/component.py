@@ -10,20 +10,17 @@ operator for that window.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import cftime
 import numpy as np
 import torch
-import xarray as xr
-from safetensors.numpy import load_file as np_load_file
-from safetensors.numpy import save_file as np_save_file
 
 from wind_bmi.config import BmiConfig, ComponentError, to_dict
 from wind_bmi.data import shipped_sample_path
 from wind_bmi.data.layouts import LayoutError, open_any
+from wind_bmi.data.output import load_arrays, save_arrays, write_ensemble
 from wind_bmi.data.windows import Channel, stack_channels
 from wind_bmi.model.checkpoint import CheckpointError, load_prior
 from wind_bmi.model.solvers import SOLVERS
@@ -32,7 +29,7 @@ from wind_bmi.observations import ObservationAssembler, PendingInputs
 
 if TYPE_CHECKING:
     from wind_bmi.coupling.regrid import LatLonGrid
-from wind_bmi.variables import STATE_VARIABLES, VARIABLES
+from wind_bmi.variables import STATE_VARIABLES
 
 DEFAULT_OBS_ERROR = {"temperature": 0.5, "u_wind": 1.0, "v_wind": 1.0, "specific_humidity": 2e-4,
                      "surface_pressure": 100.0, "precipitation": 2e-5}
@@ -291,82 +288,18 @@ class WindComponent:
             self.output_members.append(self.members_phys.copy())
 
     def write_output(self, path: str | Path) -> None:
-        """Write all frames so far as CF-1.8 netCDF (temp file, then rename; checked with cfchecker).
-
-        Per state variable: the ensemble mean (``cell_methods: realization: mean``), its spread
-        (standard deviation, ddof 1) linked as an ancillary variable, and with ``output_members`` every
-        member on a ``member`` dimension (``standard_name: realization``). Sigma levels carry their
-        parametric definition (``p = ptop + sigma (ps - ptop)``, ``ptop`` = 0), latitude, longitude and
-        sigma their cell bounds; coordinates have no fill value; time is in the BMI's units.
-        """
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        hours = np.array([h for h, _, _ in self.output_frames], dtype=np.float64)
-        mean = np.stack([m for _, m, _ in self.output_frames])
-        spread = np.stack([s for _, _, s in self.output_frames])
-        lat, lon = self.model.lat.numpy(), self.model.lon.numpy()
-        from wind_bmi.coupling.regrid import LatLonGrid
-
-        grid = LatLonGrid(lat, lon)
-        lat_e, lon_e = grid.lat_edges(), grid.lon_edges()
-        coords: dict[str, Any] = {
-            "time": ("time", hours, {"standard_name": "time", "axis": "T",
-                                     "units": f"hours since {self.start_datetime.strftime('%Y-%m-%d %H:%M:%S')}",
-                                     "calendar": self.calendar}),
-            "level": ("level", np.array(self.levels, dtype=np.float64),
-                      {"standard_name": "atmosphere_sigma_coordinate", "long_name": "sigma at layer midpoints",
-                       "units": "1", "axis": "Z", "positive": "down", "bounds": "level_bnds",
-                       "formula_terms": "sigma: level ps: surface_pressure ptop: ptop"}),
-            "lat": ("lat", lat, {"standard_name": "latitude", "units": "degrees_north", "axis": "Y",
-                                 "bounds": "lat_bnds"}),
-            "lon": ("lon", lon, {"standard_name": "longitude", "units": "degrees_east", "axis": "X",
-                                 "bounds": "lon_bnds"}),
-        }
-        data: dict[str, Any] = {
-            "lat_bnds": (("lat", "nv"), np.stack([lat_e[:-1], lat_e[1:]], axis=1)),
-            "lon_bnds": (("lon", "nv"), np.stack([lon_e[:-1], lon_e[1:]], axis=1)),
-            "ptop": ((), 0.0, {"long_name": "pressure at the model top", "units": "Pa"}),
-        }
-        bounds = self.model.card.get("level_bounds")
-        if bounds:
-            data["level_bnds"] = (("level", "nv"), np.array(bounds, dtype=np.float64))
-        else:
-            coords["level"][2].pop("bounds")
-        members = self.cfg.output_members and bool(self.output_members)
-        if members:
-            coords["member"] = ("member", np.arange(self.cfg.members, dtype=np.int32),
-                                {"standard_name": "realization", "long_name": "ensemble member", "units": "1"})
-            member_frames = np.stack(self.output_members)  # (time, member, C, H, W)
-        for var in STATE_VARIABLES:
-            chans = self.channel_slice(var)
-            info = VARIABLES[var]
-            three_d = len(chans) > 1
-            dims: tuple[str, ...] = ("time", "level", "lat", "lon") if three_d else ("time", "lat", "lon")
-            sel: Any = chans if three_d else chans[0]
-            base = {"units": info.units, "standard_name": info.standard_name}
-            data[var] = (dims, mean[:, sel], {**base, "long_name": f"ensemble mean {info.long_name}",
-                                            "cell_methods": "realization: mean",
-                                            "ancillary_variables": f"{var}_spread"})
-            data[f"{var}_spread"] = (dims, spread[:, sel], {**base, "long_name": f"ensemble spread of {info.long_name}",
-                                                          "cell_methods": "realization: standard_deviation"})
-            if members:
-                mdims = ("time", "member", *dims[1:])
-                mem = member_frames[:, :, sel]
-                data[f"{var}_members"] = (mdims, mem, {**base, "long_name": f"ensemble members: {info.long_name}"})
-        ds = xr.Dataset(data, coords=coords)
-        ds.attrs.update({"Conventions": "CF-1.8", "title": "WIND ensemble (wind-bmi WindBmi)",
-                         "source": f"wind-bmi, prior {self.model.card.get('name', '')}",
-                         "members": self.cfg.members, "config": json.dumps(to_dict(self.cfg))})
-        enc: dict[str, dict[str, Any]] = {name: {"_FillValue": None} for name in
-                                          [*coords, "lat_bnds", "lon_bnds", "ptop", *(["level_bnds"] if bounds else [])]}
-        enc["time"].update({"dtype": "float64"})
-        tmp = path.with_name(path.name + ".tmp")
-        ds.to_netcdf(tmp, encoding=enc)
-        os.replace(tmp, path)
+        """Write all frames so far as CF netCDF (:func:`wind_bmi.data.output.write_ensemble`)."""
+        write_ensemble(
+            path, [h for h, _, _ in self.output_frames], [m for _, m, _ in self.output_frames],
+            [s for _, _, s in self.output_frames], self.output_members if self.cfg.output_members else [],
+            {v: self.channel_slice(v) for v in STATE_VARIABLES}, self.model.lat.numpy(), self.model.lon.numpy(),
+            [float(v) for v in self.levels if v is not None], self.model.card.get("level_bounds"),
+            self.start_datetime, self.calendar,
+            {"source": f"wind-bmi, prior {self.model.card.get('name', '')}", "members": self.cfg.members,
+             "config": json.dumps(to_dict(self.cfg))})
 
     def save_restart(self, path: str | Path) -> None:
         """Ensemble history, clock and generator state (safetensors + JSON metadata), atomically."""
-        path = Path(path)
         gen_state = self.generator.get_state().numpy()
         tensors = {"history": self.history.cpu().numpy(), "generator": gen_state}
         if self.control is not None:  # a warming run's control twin continues too
@@ -375,22 +308,14 @@ class WindComponent:
         meta = {"time_hours": str(self.time_hours), "m_ref": str(self.m_ref), "members": str(self.cfg.members),
                 "context_frames": str(self.cfg.context_frames),
                 "targets": json.dumps({k: (v if np.isfinite(v) else None) for k, v in self.targets.items()})}
-        tmp = path.with_name(path.name + ".tmp")
-        np_save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        save_arrays(path, tensors, meta)
 
     def load_restart(self, path: str | Path) -> None:
-        from safetensors import safe_open
-
         path = Path(path)
-        if not path.is_file():
-            raise ComponentError(f"config key 'restart_file': {str(path)!r} does not exist")
         try:
-            tensors = np_load_file(str(path))
-            with safe_open(str(path), framework="numpy") as f:
-                meta = f.metadata()
-        except Exception as exc:
-            raise ComponentError(f"config key 'restart_file': {path} is not a restart file ({exc})") from exc
+            tensors, meta = load_arrays(path)
+        except ValueError as exc:
+            raise ComponentError(f"config key 'restart_file': {exc}") from exc
         hist = torch.from_numpy(tensors["history"])
         if tuple(hist.shape) != tuple(self.history.shape):
             raise ComponentError(f"restart {path}: state shape {tuple(hist.shape)} differs from this configuration's "
