@@ -150,20 +150,24 @@ def conjugate_gradient(apply: Apply, b: Tensor, iterations: int) -> Solve:
     return Solve(u, Ku, _rel(torch.stack(residuals, dim=1), beta[:, None]))
 
 
+def _columns(apply: Apply, b: Tensor, entries: Any, where: str) -> tuple[Tensor, list[Any]]:
+    """``M e_i`` (float64, stacked as columns ``(B, m, len(entries))``) and ``K e_i`` for each entry ``i``."""
+    cols, kcols = [], []
+    for i in entries:
+        e = torch.zeros_like(b)
+        e[:, i] = 1.0
+        Me, Ke = apply(e)
+        _check(Me, Ke, f"{where}, column {i + 1}")
+        cols.append(Me.double())
+        kcols.append(Ke)
+    return torch.stack(cols, dim=2), kcols
+
+
 def direct_solve(apply: Apply, b: Tensor) -> Solve:
     """Build ``M (B, m, m)`` column by column (``apply(e_i)``, one application per entry of ``y``) and
     solve it exactly in float64; ``K u = sum_i u_i K e_i``. For small ``m`` only: it costs ``m``
     applications whatever the conditioning."""
-    B, m = b.shape
-    cols, kcols = [], []
-    for i in range(m):
-        e = torch.zeros_like(b)
-        e[:, i] = 1.0
-        Me, Ke = apply(e)
-        _check(Me, Ke, f"direct solve, column {i + 1}")
-        cols.append(Me.double())
-        kcols.append(Ke)
-    M = torch.stack(cols, dim=2)  # (B, m, m): column i is M e_i
+    M, kcols = _columns(apply, b, range(b.shape[1]), "direct solve")  # (B, m, m): column i is M e_i
     u = torch.linalg.solve(M, b.double()[..., None])[..., 0]
     Ku = _lincomb(u, kcols)
     r = (b.double() - (M @ u[..., None])[..., 0]).norm(dim=1)
@@ -188,16 +192,7 @@ def block_solve(apply: Apply, b: Tensor, exact: Tensor, iterations: int) -> Solv
         return direct_solve(apply, b)
     if ie.numel() == 0:
         return gmres(apply, b, iterations)
-    B, m = b.shape
-    cols, kcols = [], []
-    for i in ie.tolist():
-        e = torch.zeros_like(b)
-        e[:, i] = 1.0
-        Me, Ke = apply(e)
-        _check(Me, Ke, f"block solve, exact column {i + 1}")
-        cols.append(Me.double())
-        kcols.append(Ke)
-    Mcol = torch.stack(cols, dim=2)  # (B, m, n_e): columns of the exact entries
+    Mcol, kcols = _columns(apply, b, ie.tolist(), "block solve")  # (B, m, n_e): the exact entries' columns
     Mee, Mge = Mcol[:, ie], Mcol[:, ig]
     Mee_inv = torch.linalg.inv(Mee)
     bd = b.double()
