@@ -16,13 +16,14 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from wind_bmi.config import SamplerConfig
+from wind_bmi.config import GuidanceConfig, SamplerConfig
 from wind_bmi.data import shipped_sample_path
 from wind_bmi.data.layouts import open_any
 from wind_bmi.data.windows import Channel, stack_channels
 from wind_bmi.model.checkpoint import build_network, load_prior
 from wind_bmi.model.denoiser import fast_bf16
 from wind_bmi.model.operators import MaskOperator, Observation
+from wind_bmi.model.physics import latitude_weights
 from wind_bmi.model.tasks import WindModel
 
 
@@ -104,31 +105,42 @@ def run_bench(out: str | Path, quick: bool = False, model: str | None = None, st
     obs_mask = torch.zeros(wm.T, wm.C, wm.H, wm.W, dtype=torch.bool)
     obs_mask[-1] = torch.rand(wm.C, wm.H, wm.W, generator=torch.Generator().manual_seed(0)) < 0.05
 
-    def window(members: int, cg: int | None) -> float:
+    default = GuidanceConfig()
+    m0 = float(wm.dry_air_mass(wm.denormalise(x0[None, :1]))[0, 0])
+
+    def window(members: int, iterations: int | None, mass: bool = False) -> float:
         ctx = x0[None].expand(members, -1, -1, -1, -1).contiguous()
         obs = []
-        if cg is not None:
+        if iterations is not None:  # 5 % of the cells of the last frame observed in every channel (GMRES)
             obs = [Observation(MaskOperator(obs_mask), x0[obs_mask][None].expand(members, -1), 0.01)]
+        if mass:  # the dry-air-mass constraint alone: 4 entries, solved exactly (one backward pass per entry)
+            obs = [wm.dry_air_mass_constraint(m0)(ctx, mask_ctx)]
         g = torch.Generator().manual_seed(1)
-        return _time(lambda: wm.sample(ctx, mask_ctx, obs, g, iterations=cg or 1), reps)
+        return _time(lambda: wm.sample(ctx, mask_ctx, obs, g, iterations=iterations or default.iterations,
+                                       solver=default.solver), reps)
 
     t_unguided = window(1, None)
     add("window_seconds_unguided_1member", t_unguided, "s", steps=steps, advance_hours=24)
-    t_guided = window(1, 1)
-    add("window_seconds_guided_1member", t_guided, "s", steps=steps, iterations=1)
-    add("window_seconds_guided_1member_cg3", window(1, 3), "s", steps=steps, iterations=3)
+    t_guided = window(1, default.iterations)
+    add("window_seconds_guided_1member", t_guided, "s", steps=steps, iterations=default.iterations,
+        note="the BMI's default guidance (GMRES)")
+    t_1 = window(1, 1)
+    add("window_seconds_guided_1member_1iteration", t_1, "s", steps=steps, iterations=1)
+    add("seconds_per_extra_gmres_iteration", (t_guided - t_1) / max(default.iterations - 1, 1), "s",
+        steps=steps, note="per window, 1 member")
+    add("window_seconds_mass_constraint_direct_1member", window(1, None, mass=True), "s", steps=steps,
+        note="exact small-y solve, 4 entries")
     add("guided_unguided_ratio", t_guided / t_unguided, "ratio", steps=steps)
     add("window_seconds_unguided_8members", window(8, None), "s", steps=steps)
-    t8 = window(8, 1)
-    add("window_seconds_guided_8members", t8, "s", steps=steps, iterations=1)
+    t8 = window(8, default.iterations)
+    add("window_seconds_guided_8members", t8, "s", steps=steps, iterations=default.iterations)
     add("guided_8_vs_1_member_ratio", t8 / t_guided, "ratio", steps=steps)
     add("peak_rss_gb_8members_guided", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, "GB",
         note="peak RSS of the bench process, which includes the 8-member guided window")
 
     # does the step count cost skill? 24-h unguided 8-member forecast on the sample against the truth
     truth = x0[-1]
-    w = torch.cos(torch.deg2rad(wm.lat.float()))[:, None]
-    w = w / w.mean()
+    w = latitude_weights(wm.lat).float()[:, None]
     for n_steps in sorted({steps, 8 if quick else 32}):
         ens = wm.sample(x0[None].expand(8, -1, -1, -1, -1).contiguous(), mask_ctx, [], torch.Generator().manual_seed(3),
                         steps=n_steps)
