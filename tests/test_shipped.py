@@ -178,7 +178,7 @@ def test_downscaling_is_closer_to_truth_than_blocky_upsampling(wm: WindModel,
 def test_dry_air_mass_constrained_rollout_stays_within_1e4(wm: WindModel, sample: torch.Tensor) -> None:
     init = sample[0]
     m0 = float(wm.dry_air_mass(init[None, None])[0, 0])
-    days = 30
+    days = 10  # the evaluation runs a year (docs/results.md); here the default solver path, briefly
     kw = {"steps": 8}
     free = wm.rollout(init, days, generator=torch.Generator().manual_seed(4), **kw)
     guided = wm.rollout(init, days, generator=torch.Generator().manual_seed(4),
@@ -188,7 +188,7 @@ def test_dry_air_mass_constrained_rollout_stays_within_1e4(wm: WindModel, sample
     assert torch.isfinite(guided).all() and guided.shape[1] == days * 4
     assert float(drift_guided.max()) < 1e-4
     assert float(drift_free.max()) > float(drift_guided.max())
-    print(f"30-day rollout: max relative DAM drift free {float(drift_free.max()):.2e}, "
+    print(f"{days}-day rollout: max relative DAM drift free {float(drift_free.max()):.2e}, "
           f"guided {float(drift_guided.max()):.2e}")
 
 
