@@ -67,7 +67,7 @@ class WindModel:
         self.lat = torch.tensor(card["grid"]["lat"], dtype=torch.float64)
         self.lon = torch.tensor(card["grid"]["lon"], dtype=torch.float64)
         self.H, self.W = self.lat.numel(), self.lon.numel()
-        self._physical_lower = torch.tensor([0.0 if v in NON_NEGATIVE else float("-inf") for v, _ in self.channels])
+        self.physical_lower_bounds = torch.tensor([0.0 if v in NON_NEGATIVE else float("-inf") for v, _ in self.channels])
         self.levels = [round(float(v), 6) for v in card.get("levels", [])]
         self.steps, self.eta, self.method, self.iterations, self.solver = steps, eta, method, iterations, solver
         self.report: list[dict[str, Any]] = []
@@ -105,7 +105,7 @@ class WindModel:
         m = self.mean.to(x.device)[:, None, None]
         s = self.std.to(x.device)[:, None, None]
         phys = (x.double() * s + m).float()
-        lower = self._physical_lower.to(phys.device)[:, None, None]
+        lower = self.physical_lower_bounds.to(phys.device)[:, None, None]
         return torch.maximum(phys, lower)
 
     def error_variance(self, sigma_phys: Tensor | float, channels: Tensor) -> Tensor:

@@ -202,14 +202,15 @@ def test_a_guided_window_has_no_negative_humidity_or_precipitation(wm: WindModel
     chans = wm.channels_of("specific_humidity") + [wm.channel_index("precipitation")]
     out = {}
     for bounded in (True, False):
-        saved = wm.denoiser.lower_bounds
-        if not bounded:
+        saved = wm.denoiser.lower_bounds, wm.physical_lower_bounds
+        if not bounded:  # both places the bound acts: the prior's estimates and the physical output
             wm.denoiser.lower_bounds = None
+            wm.physical_lower_bounds = torch.full_like(saved[1], float("-inf"))
         try:
             out[bounded] = wm.reconstruct(obs, 3, sigma_y=0.02 * wm.std, generator=torch.Generator().manual_seed(2),
                                           steps=8, eta=0.0)
         finally:
-            wm.denoiser.lower_bounds = saved
+            wm.denoiser.lower_bounds, wm.physical_lower_bounds = saved
     assert float(out[True][:, :, chans].min()) >= 0.0
     assert float(out[False][:, :, chans].min()) < 0.0  # the test would catch the bound going missing
 
