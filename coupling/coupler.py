@@ -115,10 +115,6 @@ def _seconds_between(a: Any, b: Any) -> float | None:
     return float((a - b).total_seconds())
 
 
-def time_unit_seconds(bmi: Any, name: str) -> float:
-    return component_clock(bmi, name).seconds_per_unit
-
-
 def _coords(getter: Any, grid: int, size: int) -> NDArray[np.float64] | None:
     """A BMI coordinate getter's values, or None where the component does not provide them."""
     try:

@@ -291,7 +291,7 @@ class WindComponent:
         """Write all frames so far as CF netCDF (:func:`wind_bmi.data.output.write_ensemble`)."""
         write_ensemble(
             path, [h for h, _, _ in self.output_frames], [m for _, m, _ in self.output_frames],
-            [s for _, _, s in self.output_frames], self.output_members if self.cfg.output_members else [],
+            [s for _, _, s in self.output_frames], self.output_members,
             {v: self.channel_slice(v) for v in STATE_VARIABLES}, self.model.lat.numpy(), self.model.lon.numpy(),
             [float(v) for v in self.levels if v is not None], self.model.card.get("level_bounds"),
             self.start_datetime, self.calendar,
