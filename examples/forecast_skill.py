@@ -3,11 +3,13 @@
 The background of every data-assimilation cycle (``wind-bmi assimilate``) is such a 6-h forecast,
 so its error is the floor the analysis works from away from the observations. For each start the
 four truth frames ending at it are the clean context; the prior generates the next frame (no
-observations), and the ensemble mean's temperature is compared with the truth and with persisting
-the last context frame. RMSEs are latitude-weighted over all levels, in K.
+observations), and the ensemble mean of one variable (temperature by default; ``--variable``,
+``--level``) is compared with the truth and with persisting the last context frame. RMSEs are
+latitude-weighted over the chosen levels (default all), in the variable's units.
 
     python examples/forecast_skill.py [--data DIR] [--starts 3 11 19 27] [--members 4] [--steps 8]
     python examples/forecast_skill.py --data DIR --denoise-levels 0.02 0.1 0.3 1 [--starts ...]
+    python examples/forecast_skill.py --variable surface_pressure --denoise-levels 0.02 0.3
 
 ``--denoise-levels`` asks why: with the four truth frames clean, the true next frame is noised to
 each level ``t`` once and denoised in one network call; it reports the estimate's RMSE against the
@@ -53,6 +55,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--eta", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--variable", default="temperature", help="channel variable to score (default temperature)")
+    p.add_argument("--level", type=float, default=None, help="one sigma level of a 3-D variable (default: all)")
     p.add_argument("--denoise-levels", type=float, nargs="+", default=None,
                    help="instead of forecasting: one-call denoising of the next frame at these levels t in (0, 1]")
     args = p.parse_args(argv)
@@ -62,11 +66,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if min(args.starts) < 3 or ds.sizes["time"] < need:
         raise SystemExit(f"--starts must be >= 3 and leave a next frame: the data have {ds.sizes['time']} frames")
     x = torch.from_numpy(stack_channels(ds.isel(time=slice(0, need)), [Channel(v, lv) for v, lv in wm.channels]))
-    tc = wm.channels_of("temperature")
+    tc = wm.channels_of(args.variable) if args.level is None else [wm.channel_index(args.variable, args.level)]
+    units = UNITS.get(args.variable, "")
     lat = wm.lat.float()
     w = latitude_weights(wm.lat).float()
     if args.denoise_levels:
-        return _denoise_levels(wm, x, args, tc, w)
+        return _denoise_levels(wm, x, args, tc, w, units)
     errs, pers = [], []
     for s in args.starts:
         g = torch.Generator().manual_seed(args.seed + s)
@@ -75,30 +80,39 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         errs.append(f[:, tc].mean(0) - x[s + 1, tc])
         pers.append(x[s, tc] - x[s + 1, tc])
     e, q = torch.stack(errs), torch.stack(pers)  # (starts, levels, H, W)
-    out: dict[str, Any] = {"forecast_6h_K": _rms(e, w), "persistence_6h_K": _rms(q, w), "bands": {}}
+    out: dict[str, Any] = {"variable": args.variable, "units": units, "forecast_6h": _rms(e, w),
+                           "persistence_6h": _rms(q, w), "bands": {}}
     for lo, hi in BANDS:
         m = (lat >= lo) & (lat < hi) if hi < 90 else (lat >= lo)
-        out["bands"][f"{lo:g}..{hi:g}"] = {"forecast_6h_K": _rms(e[..., m, :], w[m]),
-                                         "persistence_6h_K": _rms(q[..., m, :], w[m])}
-    print(f"6-h temperature RMSE (K, lat-weighted, all levels), {len(args.starts)} starts, {args.members} members, "
-          f"{args.steps} steps:\n"
-          f"  ensemble mean {out['forecast_6h_K']:.2f}, persistence {out['persistence_6h_K']:.2f}")
+        out["bands"][f"{lo:g}..{hi:g}"] = {"forecast_6h": _rms(e[..., m, :], w[m]),
+                                         "persistence_6h": _rms(q[..., m, :], w[m])}
+    print(f"6-h {args.variable} RMSE ({units}, lat-weighted, {_levels(args)}), {len(args.starts)} starts, "
+          f"{args.members} members, {args.steps} steps:\n"
+          f"  ensemble mean {out['forecast_6h']:.3g}, persistence {out['persistence_6h']:.3g}")
     for band, r in out["bands"].items():
-        print(f"  lat {band:>10}: {r['forecast_6h_K']:.2f} vs {r['persistence_6h_K']:.2f}")
+        print(f"  lat {band:>10}: {r['forecast_6h']:.3g} vs {r['persistence_6h']:.3g}")
     return out
 
 
+UNITS = {"temperature": "K", "surface_pressure": "Pa", "u_wind": "m/s", "v_wind": "m/s",
+         "specific_humidity": "kg/kg", "precipitation": "kg m-2 s-1"}
+
+
+def _levels(args: argparse.Namespace) -> str:
+    return "all levels" if args.level is None else f"sigma {args.level:g}"
+
+
 def _denoise_levels(wm: WindModel, x: torch.Tensor, args: argparse.Namespace, tc: list[int],
-                    w: torch.Tensor) -> dict[str, Any]:
-    """Per level: RMSE (K) of the network's one-call estimate of the next frame, of ``z / alpha``, of
+                    w: torch.Tensor, units: str) -> dict[str, Any]:
+    """Per level: RMSE of the network's one-call estimate of the next frame, of ``z / alpha``, of
     persistence, and of the persistence blend with its least-squares weight (module docstring)."""
     if any(not 0.0 < t <= 1.0 for t in args.denoise_levels):
         raise SystemExit(f"--denoise-levels must lie in (0, 1], got {args.denoise_levels}")
     xn = wm.normalise(x)
     std = wm.std[tc].float()[:, None, None]
-    out: dict[str, Any] = {"levels": {}}
-    print(f"one-call estimate of the next frame's temperature after 4 clean frames (K, lat-weighted), "
-          f"{len(args.starts)} starts:")
+    out: dict[str, Any] = {"variable": args.variable, "units": units, "levels": {}}
+    print(f"one-call estimate of the next frame's {args.variable} after 4 clean frames ({units}, lat-weighted, "
+          f"{_levels(args)}), {len(args.starts)} starts:")
     for level in args.denoise_levels:
         g = torch.Generator().manual_seed(args.seed)
         net, noisy, pers, keep = [], [], [], []
@@ -119,12 +133,12 @@ def _denoise_levels(wm: WindModel, x: torch.Tensor, args: argparse.Namespace, tc
         r = torch.cat([(tr - xh).reshape(-1) for xh, _, tr in keep])
         lam = float((d * r).sum() / (d * d).sum().clamp_min(1e-30))
         blend = [((xh + lam * (xp - xh))[tc] - tr[tc]) * std for xh, xp, tr in keep]
-        row = {"network_K": _rms(torch.stack(net), w), "noisy_input_K": _rms(torch.stack(noisy), w),
-               "persistence_K": _rms(torch.stack(pers), w), "lambda_star": lam,
-               "blend_K": _rms(torch.stack(blend), w)}
+        row = {"network": _rms(torch.stack(net), w), "noisy_input": _rms(torch.stack(noisy), w),
+               "persistence": _rms(torch.stack(pers), w), "lambda_star": lam,
+               "blend": _rms(torch.stack(blend), w)}
         out["levels"][f"{level:g}"] = row
-        print(f"  t = {level:<5g} network {row['network_K']:.2f}, z/alpha {row['noisy_input_K']:.2f}, "
-              f"persistence {row['persistence_K']:.2f}, blend (lambda* {lam:.2f}) {row['blend_K']:.2f}")
+        print(f"  t = {level:<5g} network {row['network']:.3g}, z/alpha {row['noisy_input']:.3g}, "
+              f"persistence {row['persistence']:.3g}, blend (lambda* {lam:.2f}) {row['blend']:.3g}")
     return out
 
 

@@ -36,6 +36,22 @@ class Prior:
     net: UViT
     schedule: CosineVPSchedule
     card: dict[str, Any]
+    tensors: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    """Arrays stored beside the weights that are not network parameters (``normalisation.*``)."""
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """The normalisation mean as a ``(C, H, W)`` float64 field (a per-channel mean is broadcast)."""
+        norm = self.card["normalisation"]
+        if norm.get("kind", "channel") == "gridpoint":
+            return self.tensors[norm.get("mean_field", "normalisation.mean")].double()
+        mean = torch.tensor(norm["mean"], dtype=torch.float64)
+        return mean[:, None, None].expand(-1, *self.grid).contiguous()
+
+    @property
+    def std(self) -> torch.Tensor:
+        """The per-channel normalisation scale ``(C,)`` float64."""
+        return torch.tensor(self.card["normalisation"]["std"], dtype=torch.float64)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -86,12 +102,24 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_prior(net: torch.nn.Module, card: dict[str, Any], card_path: str | Path) -> Path:
-    """Write ``<name>.safetensors`` and the card ``<name>.json`` atomically; returns the card path."""
+EXTRA_PREFIX = "normalisation."
+
+
+def save_prior(net: torch.nn.Module, card: dict[str, Any], card_path: str | Path,
+               tensors: dict[str, Any] | None = None) -> Path:
+    """Write ``<name>.safetensors`` and the card ``<name>.json`` atomically; returns the card path.
+
+    ``tensors``: arrays stored beside the weights (names start with ``normalisation.``, e.g. a
+    gridpoint normalisation's mean field), listed in the card like the weights.
+    """
     card_path = Path(card_path)
     card_path.parent.mkdir(parents=True, exist_ok=True)
     weights_path = card_path.with_suffix(".safetensors")
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in net.state_dict().items()}
+    for k, v in (tensors or {}).items():
+        if not k.startswith(EXTRA_PREFIX):
+            raise ValueError(f"extra tensor {k!r}: names must start with {EXTRA_PREFIX!r}")
+        state[k] = torch.as_tensor(v).detach().to("cpu", torch.float32).contiguous()
     tmp = weights_path.with_name(weights_path.name + ".tmp")
     save_file(state, str(tmp))
     os.replace(tmp, weights_path)
@@ -136,6 +164,7 @@ def load_prior(card_path: str | Path | None = None, device: str | torch.device =
     for k, shape in expected.items():
         if list(state[k].shape) != list(shape):
             raise CheckpointError(f"{weights_path}: tensor {k!r} has shape {list(state[k].shape)}, card says {shape}")
+    extras = {k: state.pop(k) for k in [k for k in state if k.startswith(EXTRA_PREFIX)]}
     try:
         net = build_network(card)
         net.load_state_dict(state, strict=True)
@@ -145,9 +174,11 @@ def load_prior(card_path: str | Path | None = None, device: str | torch.device =
     for p in net.parameters():
         p.requires_grad_(False)
     sched = CosineVPSchedule(float(card["schedule"]["a_min"]), float(card["schedule"]["s_min"]))
-    prior = Prior(net=net, schedule=sched, card=card)
+    prior = Prior(net=net, schedule=sched, card=card, tensors=extras)
     try:
         prior.band_limit  # noqa: B018 -- checked here, where the card enters
-    except ValueError as exc:
+        if tuple(prior.mean.shape) != (len(card["channels"]), *prior.grid):
+            raise ValueError(f"normalisation mean of shape {tuple(prior.mean.shape)}, expected (C, H, W)")
+    except (ValueError, KeyError) as exc:
         raise CheckpointError(f"model card {card_path}: {exc}") from exc
     return prior

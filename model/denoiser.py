@@ -90,7 +90,8 @@ class PriorDenoiser(nn.Module):
         to it, cell by cell. Applied after the band limit (the final word on the sign)."""
         if self.lower_bounds is None:
             return x
-        lo = self.lower_bounds.to(x.device, x.dtype)[:, None, None]
+        lo = self.lower_bounds.to(x.device, x.dtype)
+        lo = lo if lo.ndim == 3 else lo[:, None, None]  # (C, H, W) or per channel
         return torch.maximum(x, lo)
 
     def project(self, x: Tensor, t: Tensor) -> Tensor:

@@ -2,7 +2,7 @@
 
 Every operator is a differentiable callable on *normalised* windows ``x: (B, T, C, H, W)`` returning
 ``(B, M)``. Operators that state physical quantities (dry air mass, area means) receive the
-normalisation (``mean``, ``std`` per channel) and denormalise inside. The observation-noise
+normalisation (``mean`` per channel or per gridpoint, ``std`` per channel) and denormalise inside. The observation-noise
 covariance is separate: an :class:`Observation` pairs an operator with ``y`` and the diagonal
 ``cov_y`` (variances, in the operator's output units). Any differentiable callable with that
 signature can be used as an operator.
@@ -192,7 +192,7 @@ class DryAirMassOperator:
         self.ps_channel, self.q_channels = ps_channel, list(q_channels)
         self.dsigma = dsigma.double()
         self.areas = cell_areas(lat_deg, nlon)
-        self.mean, self.std = mean.double(), std.double()
+        self.mean, self.std = _mean_field(mean, std).double(), std.double()
         self.m_ref, self.frames = float(m_ref), list(frames)
 
     def mass(self, x: Tensor) -> Tensor:
@@ -200,7 +200,7 @@ class DryAirMassOperator:
         xf = x[:, self.frames].double()
         ps = xf[:, :, self.ps_channel] * self.std[self.ps_channel] + self.mean[self.ps_channel]
         qc = self.q_channels
-        q = xf[:, :, qc] * self.std[qc, None, None] + self.mean[qc, None, None]
+        q = xf[:, :, qc] * self.std[qc, None, None] + self.mean[qc]
         return dry_air_mass(ps, q, self.dsigma, self.areas)
 
     def __call__(self, x: Tensor) -> Tensor:
@@ -222,12 +222,12 @@ class AreaMeanOperator:
         if region is not None:
             a = a * region.double()
         self.weights = (a / a.sum()).float()
-        self.mean, self.std = mean.float(), std.float()
+        self.mean, self.std = _mean_field(mean, std).float(), std.float()
 
     def __call__(self, x: Tensor) -> Tensor:
         c = self.channels
         xs = x[:, self.frames][:, :, c]
-        phys = xs * self.std[c, None, None].to(x) + self.mean[c, None, None].to(x)
+        phys = xs * self.std[c, None, None].to(x) + self.mean[c].to(x)
         return (phys * self.weights.to(x)).sum(dim=(-2, -1)).mean(dim=(1, 2))[:, None]
 
 
@@ -252,3 +252,9 @@ class CompositeOperator:
         names = ", ".join(o.name or "operator" for o in self.observations)
         return Observation(self, torch.cat(ys, dim=1).expand(batch, -1), torch.cat(covs, dim=1).expand(batch, -1),
                            names, torch.cat(exact))
+
+
+def _mean_field(mean: Tensor, std: Tensor) -> Tensor:
+    """A normalisation mean as ``(C, H, W)`` or ``(C, 1, 1)`` (per-channel means), so ``mean[c]``
+    broadcasts over the grid either way."""
+    return mean if mean.ndim == 3 else mean.reshape(len(std), 1, 1)

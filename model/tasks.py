@@ -55,15 +55,15 @@ class WindModel:
         self.card = card
         self.denoiser = PriorDenoiser(prior.net, prior.schedule, bf16=bf16,
                                       band_limit=prior.band_limit if band_limit else None,
-                                      lower_bounds=_normalised_lower_bounds(prior.card))
+                                      lower_bounds=_normalised_lower_bounds(prior))
         self.schedule = prior.schedule
         self.T = int(card["architecture"]["frames"])
         # levels as their nominal values (cards store float32-rounded sigma, 0.510000005 for 0.51)
         self.channels: list[tuple[str, float | None]] = [
             (c["variable"], None if c["level"] is None else round(float(c["level"]), 6)) for c in card["channels"]]
         self.C = len(self.channels)
-        self.mean = torch.tensor(card["normalisation"]["mean"], dtype=torch.float64)
-        self.std = torch.tensor(card["normalisation"]["std"], dtype=torch.float64)
+        self.mean = prior.mean  # (C, H, W): a per-channel mean broadcast, or a per-gridpoint field
+        self.std = prior.std  # (C,)
         self.lat = torch.tensor(card["grid"]["lat"], dtype=torch.float64)
         self.lon = torch.tensor(card["grid"]["lon"], dtype=torch.float64)
         self.H, self.W = self.lat.numel(), self.lon.numel()
@@ -94,7 +94,7 @@ class WindModel:
 
     def normalise(self, x: Tensor) -> Tensor:
         """Physical ``(..., C, H, W)`` -> normalised float32."""
-        m = self.mean.to(self.device)[:, None, None]
+        m = self.mean.to(self.device)
         s = self.std.to(self.device)[:, None, None]
         return ((x.to(self.device, torch.float64) - m) / s).float()
 
@@ -102,11 +102,20 @@ class WindModel:
         """Normalised ``(..., C, H, W)`` -> physical float32; variables that cannot be negative (humidity,
         precipitation) are clipped at 0 here too, so float rounding of the normalised bound leaves no
         -1e-9 behind."""
-        m = self.mean.to(x.device)[:, None, None]
+        m = self.mean.to(x.device)
         s = self.std.to(x.device)[:, None, None]
         phys = (x.double() * s + m).float()
         lower = self.physical_lower_bounds.to(phys.device)[:, None, None]
         return torch.maximum(phys, lower)
+
+    def normalise_pooled(self, coarse: Tensor, op: AveragePoolOperator, channels: Sequence[int] | None = None) -> Tensor:
+        """Physical block means ``(..., C', H/k, W/k)`` of ``channels`` (default all) -> the normalised
+        target of ``op``: ``A(m + s x) = A(m) + s A(x)``, so ``(coarse - pool(m)) / s`` (the mean may be a
+        per-gridpoint field, whose block means differ from its values)."""
+        ch = list(range(self.C)) if channels is None else list(channels)
+        m = op.pool(self.mean[ch].to(self.device))
+        s = self.std[ch].to(self.device)[:, None, None]
+        return ((coarse.to(self.device, torch.float64) - m) / s).float()
 
     def error_variance(self, sigma_phys: Tensor | float, channels: Tensor) -> Tensor:
         """Normalised observation-error variances for physical std ``sigma_phys`` at ``channels``."""
@@ -215,7 +224,7 @@ class WindModel:
             raise ValueError(f"coarse: expected (T={self.T}, C, H/k, W/k), got {tuple(coarse.shape)}")
         self._check(coarse, "coarse", (self.H // k, self.W // k))
         op = AveragePoolOperator(k, self.lat)
-        y = self.normalise(coarse).reshape(1, -1).expand(members, -1)
+        y = self.normalise_pooled(coarse, op).reshape(1, -1).expand(members, -1)
         var = self._channel_var(sigma_y, (self.T, self.C, (self.H // k) * (self.W // k)))
         ctx = torch.zeros(members, self.T, self.C, self.H, self.W, device=self.device)
         x = self.sample(ctx, torch.zeros(self.T, dtype=torch.bool), [Observation(op, y, var, "coarse field")],
@@ -244,7 +253,7 @@ class WindModel:
         mask = torch.isfinite(observations)
         if not mask.any():
             raise ValueError("observations: every value is NaN (nothing observed)")
-        filled = torch.where(mask, observations, self.mean.float()[:, None, None].expand_as(observations))
+        filled = torch.where(mask, observations, self.mean.float().expand_as(observations))
         op = MaskOperator(mask)
         y = self.normalise(filled)[mask].reshape(1, -1).expand(members, -1)
         ch = torch.arange(self.C)[None, :, None, None].expand_as(mask)[mask]
@@ -383,13 +392,12 @@ class WindModel:
 NON_NEGATIVE = ("specific_humidity", "precipitation", "total_precipitation_6hr")
 
 
-def _normalised_lower_bounds(card: dict[str, Any]) -> Tensor:
-    """Per channel, the normalised value of 0 for variables that cannot be negative (humidity,
-    precipitation), ``-inf`` for the others: ``(C,)``."""
-    mean = torch.tensor(card["normalisation"]["mean"], dtype=torch.float64)
-    std = torch.tensor(card["normalisation"]["std"], dtype=torch.float64)
-    names = [c["variable"] for c in card["channels"]]
-    lower = torch.full((len(names),), float("-inf"), dtype=torch.float64)
+def _normalised_lower_bounds(prior: Prior) -> Tensor:
+    """The normalised value of 0 for variables that cannot be negative (humidity, precipitation),
+    ``-inf`` for the others: ``(C, H, W)`` (the mean may vary per gridpoint)."""
+    mean, std = prior.mean, prior.std
+    names = [c["variable"] for c in prior.card["channels"]]
+    lower = torch.full(mean.shape, float("-inf"), dtype=torch.float64)
     for i, v in enumerate(names):
         if v in NON_NEGATIVE:
             lower[i] = -mean[i] / std[i]

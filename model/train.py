@@ -8,7 +8,8 @@ fp32 master weights.
 
 Determinism and resume: the data order is a fixed function of ``(seed, epoch)`` and the noise of
 ``(seed, step, rank)``, so a run resumed from a checkpoint continues bit-for-bit. Training state
-(model, EMA, optimiser tensors) is stored as safetensors plus JSON, written atomically.
+(model, EMA, optimiser tensors) is stored as safetensors plus JSON, written atomically. A compact
+state (weights and EMA in float16, no optimiser moments) carries a long run between machines.
 """
 
 from __future__ import annotations
@@ -226,6 +227,15 @@ class Trainer:
         self.elapsed = 0.0  # seconds inside fit(): steps, checkpoints and validation (the budget figure)
         self._fit_start: float | None = None  # a checkpoint inside fit() counts the running call's time too
         self.history: list[dict[str, Any]] = []
+        self.rewarm_from: int | None = None  # step a compact state was loaded at (fresh optimiser)
+
+    def lr(self, step: int) -> float:
+        """The schedule's LR, ramped up again over ``warmup_steps`` after a compact resume (whose
+        optimiser moments start from zero)."""
+        lr = lr_at(step, self.s)
+        if self.rewarm_from is not None and self.s.warmup_steps > 0:
+            lr *= min(1.0, (step - self.rewarm_from + 1) / self.s.warmup_steps)
+        return lr
 
     # -- state ----------------------------------------------------------------
     def save_state(self) -> None:
@@ -241,7 +251,7 @@ class Trainer:
         save_file(tensors, str(tmp))
         running = 0.0 if self._fit_start is None else time.perf_counter() - self._fit_start
         meta = {"step": self.step, "wall_seconds": self.wall, "elapsed_seconds": self.elapsed + running,
-                "optimizer": opt_s,
+                "optimizer": opt_s, "rewarm_from": self.rewarm_from,
                 "settings": dataclasses.asdict(self.s),
                 "history": self.history}
         tmpj = self.out / "train_state.json.tmp"
@@ -260,12 +270,54 @@ class Trainer:
         self.wall = float(meta["wall_seconds"])
         self.elapsed = float(meta.get("elapsed_seconds", 0.0))
         self.history = list(meta["history"])
+        self.rewarm_from = meta.get("rewarm_from")
+
+    def export_compact(self, path: str | Path) -> Path:
+        """Write a compact resumable state: weights and EMA weights in float16 (``<path>.safetensors``)
+        plus the step, times, settings and history (``<path>.json``), atomically; rank 0 only.
+
+        The optimiser moments are left out (they double the size); :meth:`load_compact` restarts
+        them and ramps the LR up again over ``warmup_steps``. This is what a training campaign
+        commits between machines; ``train_state.*`` stays the bit-exact local checkpoint.
+        """
+        path = Path(path).with_suffix("")
+        if self.rank != 0:
+            return path.with_suffix(".json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {f"net.{k}": v.detach().to("cpu", torch.float16).contiguous() for k, v in self.net.state_dict().items()}
+        tensors.update({f"ema.{k}": v.detach().to("cpu", torch.float16).contiguous()
+                        for k, v in self.ema.state_dict().items()})
+        weights, meta_path = path.with_suffix(".safetensors"), path.with_suffix(".json")
+        tmp = weights.with_name(weights.name + ".tmp")
+        save_file(tensors, str(tmp))
+        meta = {"step": self.step, "wall_seconds": self.wall, "elapsed_seconds": self.elapsed,
+                "settings": dataclasses.asdict(self.s), "history": self.history, "dtype": "float16",
+                "optimizer": "not stored (moments restart, LR re-warmed)"}
+        tmpj = meta_path.with_name(meta_path.name + ".tmp")
+        tmpj.write_text(json.dumps(meta))
+        os.replace(tmp, weights)
+        os.replace(tmpj, meta_path)
+        return meta_path
+
+    def load_compact(self, path: str | Path) -> None:
+        """Continue from :meth:`export_compact`'s files: weights, EMA, step and history; a fresh
+        optimiser whose LR is re-warmed from this step."""
+        path = Path(path).with_suffix("")
+        meta = json.loads(path.with_suffix(".json").read_text())
+        tensors = load_file(str(path.with_suffix(".safetensors")))
+        self.net.load_state_dict({k[4:]: v.float() for k, v in tensors.items() if k.startswith("net.")})
+        self.ema.load_state_dict({k[4:]: v.float() for k, v in tensors.items() if k.startswith("ema.")})
+        self.step = int(meta["step"])
+        self.wall = float(meta["wall_seconds"])
+        self.elapsed = float(meta.get("elapsed_seconds", 0.0))
+        self.history = list(meta["history"]) + [{"step": self.step, "event": "compact resume"}]
+        self.rewarm_from = self.step
 
     # -- loop -----------------------------------------------------------------
     def train_step(self) -> float:
         s = self.s
         for group in self.opt.param_groups:
-            group["lr"] = lr_at(self.step, s)
+            group["lr"] = self.lr(self.step)
         idx = batch_indices(self.step, self.n_train, s.batch_size, s.seed)
         local = idx[self.rank::self.world]
         g = torch.Generator().manual_seed(s.seed * 7_919 + self.step * 104_729 + self.rank)
@@ -309,7 +361,7 @@ class Trainer:
             bar.update(1)
             if self.step % log_every == 0 or self.step == stop:
                 dt = time.perf_counter() - t_log
-                rec = {"step": self.step, "loss": running / n_run, "lr": lr_at(self.step - 1, s),
+                rec = {"step": self.step, "loss": running / n_run, "lr": self.lr(self.step - 1),
                        "samples_per_s": n_run * s.batch_size / max(dt, 1e-9), "wall_seconds": self.wall}
                 self.history.append(rec)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", sps=f"{rec['samples_per_s']:.1f}")

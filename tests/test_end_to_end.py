@@ -146,12 +146,23 @@ def test_forecast_skill_example_scores_against_an_independent_persistence() -> N
     w = np.abs(np.diff(np.sin(np.deg2rad(edges))))
     w = w / w.mean()
     d = np.stack([t[4] - t[3], t[5] - t[4]])
-    assert out["persistence_6h_K"] == pytest.approx(float(np.sqrt((d**2 * w[:, None]).mean())), rel=1e-5)
-    assert 0 < out["forecast_6h_K"] < 20 and set(out["bands"]) == {"-90..-60", "-60..-30", "-30..30", "30..60", "60..90"}
+    assert out["persistence_6h"] == pytest.approx(float(np.sqrt((d**2 * w[:, None]).mean())), rel=1e-5)
+    assert 0 < out["forecast_6h"] < 20 and set(out["bands"]) == {"-90..-60", "-60..-30", "-30..30", "30..60", "60..90"}
     tropics = np.abs(ds["lat"].values) < 30
     wt = w[tropics] / w[tropics].mean()
-    assert out["bands"]["-30..30"]["persistence_6h_K"] == pytest.approx(
+    assert out["bands"]["-30..30"]["persistence_6h"] == pytest.approx(
         float(np.sqrt((d[:, :, tropics] ** 2 * wt[:, None]).mean())), rel=1e-5)
+    # another variable and one level, in its own units
+    ps = run(["--starts", "3", "4", "--members", "1", "--steps", "1", "--denoise-levels", "1",
+              "--variable", "surface_pressure"])
+    p = ds["surface_pressure"].transpose("time", "lat", "lon").values.astype(np.float64)
+    dp = np.stack([p[4] - p[3], p[5] - p[4]])
+    assert ps["units"] == "Pa" and ps["levels"]["1"]["persistence"] == pytest.approx(
+        float(np.sqrt((dp**2 * w[:, None]).mean())), rel=1e-5)
+    t51 = run(["--starts", "3", "4", "--denoise-levels", "1", "--variable", "temperature", "--level", "0.51"])
+    k = int(np.argmin(np.abs(ds["level"].values - 0.51)))
+    dk = np.stack([t[4, k] - t[3, k], t[5, k] - t[4, k]])
+    assert t51["levels"]["1"]["persistence"] == pytest.approx(float(np.sqrt((dk**2 * w[:, None]).mean())), rel=1e-5)
 
 
 def test_forecast_skill_denoise_levels_scores_the_noise_it_added() -> None:
@@ -177,13 +188,13 @@ def test_forecast_skill_denoise_levels_scores_the_noise_it_added() -> None:
         a = float(sched.alpha(torch.tensor(float(key))))
         s = float(sched.sigma(torch.tensor(float(key))))
         expected = s / a * float(np.sqrt(np.mean(std**2)))
-        assert out["levels"][key]["noisy_input_K"] == pytest.approx(expected, rel=0.03)
+        assert out["levels"][key]["noisy_input"] == pytest.approx(expected, rel=0.03)
     t = ds["temperature"].transpose("time", "level", "lat", "lon").values.astype(np.float64)
     lat = ds["lat"].values  # area weights |d sin lat| with edges midway and the poles at the ends, mean 1
     edges = np.concatenate([[-90.0], 0.5 * (lat[1:] + lat[:-1]), [90.0]])
     w = np.abs(np.diff(np.sin(np.deg2rad(edges))))
     w = w / w.mean()
     d = np.stack([t[4] - t[3], t[5] - t[4]])
-    assert out["levels"]["1"]["persistence_K"] == pytest.approx(float(np.sqrt((d**2 * w[:, None]).mean())), rel=1e-5)
-    assert out["levels"]["0.02"]["network_K"] < 0.5 * out["levels"]["1"]["network_K"]
+    assert out["levels"]["1"]["persistence"] == pytest.approx(float(np.sqrt((d**2 * w[:, None]).mean())), rel=1e-5)
+    assert out["levels"]["0.02"]["network"] < 0.5 * out["levels"]["1"]["network"]
     assert 0.0 <= out["levels"]["1"]["lambda_star"] <= 1.0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar, Union
 
@@ -115,6 +116,9 @@ class TrainConfig:
             mean variance exceeds this, normalised units; see ``wind_bmi.model.bandlimit``) on the
             training years, store it in the card and train the projected estimate; None = no band
             limit in training (one can still be fitted into a card with ``wind-bmi band-limit``).
+        normalisation: ``channel`` (one mean and scale per channel) or ``gridpoint`` (the training
+            years' time-mean field per channel and an anomaly scale; see
+            ``wind_bmi.data.windows.Normalisation``). A fine-tune keeps its prior's.
         init_from: card (JSON) of a trained prior to start from (fine-tuning): its weights and
             normalisation, a fresh optimiser and LR schedule; architecture, channels and grid must
             match. Ignored by ``--resume`` once a training state exists.
@@ -143,6 +147,7 @@ class TrainConfig:
     val_windows: int = 64
     seed: int = 0
     band_limit_eps: float | None = None
+    normalisation: str = "channel"
     init_from: str | None = None
     model: ModelConfig = ModelConfig()
     schedule: ScheduleConfig = ScheduleConfig()
@@ -349,12 +354,14 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def load_config(path: str | Path, schema: type[T] | None = None) -> T:
+def load_config(path: str | Path, schema: type[T] | None = None, overrides: Sequence[str] = ()) -> T:
     """Load and validate a YAML preset.
 
     Args:
         path: YAML file. Its ``kind`` key selects the schema unless ``schema`` is given.
         schema: dataclass to build (``GenerateConfig``, ``TrainConfig``, ``BmiConfig``).
+        overrides: ``KEY=VALUE`` settings applied over the file (dotted keys for nested sections,
+            values in YAML syntax), e.g. ``normalisation=channel`` or ``model.dim=384``.
 
     Raises:
         ConfigError: missing/unreadable file, bad YAML, unknown key, wrong type or kind;
@@ -374,5 +381,20 @@ def load_config(path: str | Path, schema: type[T] | None = None) -> T:
         if kind not in SCHEMAS:
             raise ConfigError(f"{p}: key 'kind' must be one of {sorted(SCHEMAS)}, got {kind!r}")
         schema = SCHEMAS[kind]  # type: ignore[assignment]
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({exc})") from exc
+        *parents, leaf = key.split(".")
+        node = raw
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is not a section")
+        node[leaf] = value
     assert schema is not None
-    return from_dict(schema, raw, str(p))
+    return from_dict(schema, raw, str(p) + (f" (with --set {', '.join(overrides)})" if overrides else ""))

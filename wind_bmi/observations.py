@@ -116,10 +116,9 @@ class ObservationAssembler:
             chan = self.host_channel(var)
             op = SparseLinearOperator(torch.from_numpy(sub.row.astype(np.int64)), torch.from_numpy(sub.col.astype(np.int64)),
                                       torch.from_numpy(sub.data), rows.size, last, chan)
-            # the host value of a mapped cell is a weighted sum of normalised values: W (m + s x) = m W1 + s W x
-            wsum = np.asarray(sub.sum(axis=1)).reshape(-1)
-            mean, std = float(self.model.mean[chan]), float(self.model.std[chan])
-            yn = torch.from_numpy((flat[rows] - mean * wsum) / std).float()
+            # the host value of a mapped cell is a weighted sum of model values: W (m + s x) = W m + s W x
+            wm = np.asarray(sub.tocsr() @ self.model.mean[chan].numpy().reshape(-1)).reshape(-1)
+            yn = torch.from_numpy((flat[rows] - wm) / float(self.model.std[chan])).float()
             vn = self.model.error_variance(torch.full((rows.size,), self.obs_error[var], dtype=torch.float64),
                                            torch.full((rows.size,), chan, dtype=torch.long))
             obs.append(Observation(op, yn[None].expand(self.members, -1), vn.float()[None], f"host-grid {var}"))
@@ -152,7 +151,7 @@ class ObservationAssembler:
             k = self.downscale_factor
             op = AveragePoolOperator(k, self.model.lat, frames=[last], channels=chans)
             coarse = torch.from_numpy(arr.reshape(len(chans), H // k, W // k).astype(np.float64))
-            ynorm = ((coarse - self.model.mean[chans, None, None]) / self.model.std[chans, None, None]).float()
+            ynorm = self.model.normalise_pooled(coarse, op, chans)
             var_n = self.model.error_variance(torch.full((len(chans),), self.obs_error[var], dtype=torch.float64),
                                               torch.tensor(chans))
             obs.append(Observation(op, ynorm.reshape(1, -1).expand(M, -1),

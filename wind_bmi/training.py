@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from wind_bmi.config import TrainConfig, to_dict
+from wind_bmi.config import ConfigError, TrainConfig, to_dict
 from wind_bmi.data.windows import Channel, Normalisation, Splits, WindowDataset, build_splits, load_years
 from wind_bmi.model.bandlimit import ZonalBandLimit
 from wind_bmi.model.checkpoint import Prior, load_prior, save_prior, write_card
@@ -168,7 +168,7 @@ def fit_band_limit_into_card(card: str | Path, data: str | Path, eps: float = 1e
     if not years:
         raise ValueError(f"model card {card_path}: no provenance 'train_years'; pass the years to fit on")
     channels = [Channel(ch["variable"], ch["level"]) for ch in c["channels"]]
-    norm = Normalisation.from_dict(c["normalisation"])
+    norm = Normalisation.from_dict(c["normalisation"], prior.tensors)
     shape = (len(channels), *prior.grid)
 
     def chunks() -> Iterator[np.ndarray]:  # one year at a time bounds memory
@@ -187,8 +187,16 @@ def fit_band_limit_into_card(card: str | Path, data: str | Path, eps: float = 1e
 
 def run_training(cfg: TrainConfig, data: str | None = None, out: str | None = None, resume: bool = False,
                  max_minutes: float | None = None, max_steps: int | None = None, device: str = "cpu",
-                 progress: bool = True) -> Path:
-    """Train (or resume) and export ``<out>/model.json`` + ``model.safetensors`` from the EMA weights."""
+                 progress: bool = True, resume_from: str | None = None, export_state: str | None = None) -> Path:
+    """Train (or resume) and export ``<out>/model.json`` + ``model.safetensors`` from the EMA weights.
+
+    ``resume``: continue bit for bit from ``<out>/train_state.*``; where there is none, from the
+    compact state ``resume_from`` (weights and EMA, fresh optimiser: see ``Trainer.export_compact``).
+    ``export_state``: write the compact state there after this call (what a campaign commits).
+    """
+    if cfg.normalisation not in Normalisation.KINDS:
+        raise ConfigError(f"config key 'normalisation': expected one of {list(Normalisation.KINDS)}, "
+                          f"got {cfg.normalisation!r}")
     if data:
         cfg = dataclasses.replace(cfg, data=data)
     if out:
@@ -197,9 +205,9 @@ def run_training(cfg: TrainConfig, data: str | None = None, out: str | None = No
     try:
         paths = data_folders(cfg.data)  # each sub-folder is one generator run (seed)
         init = load_prior(cfg.init_from) if cfg.init_from else None
-        norm = Normalisation.from_dict(init.card["normalisation"]) if init else None
+        norm = Normalisation.from_dict(init.card["normalisation"], init.tensors) if init else None
         splits = build_splits(paths, cfg.variables, cfg.train_years, cfg.val_years, (), T=cfg.model.frames,
-                              norm=norm)
+                              norm=norm, normalisation=cfg.normalisation)
         grid = (len(splits.lat), len(splits.lon))
         torch.manual_seed(cfg.seed)
         net = network_for(cfg, [c.variable for c in splits.channels], grid)
@@ -223,6 +231,8 @@ def run_training(cfg: TrainConfig, data: str | None = None, out: str | None = No
                           batch_fn(splits.val), len(splits.val), latw, cfg.out, dev, band)
         if resume and (Path(cfg.out) / "train_state.json").exists():
             trainer.load_state()
+        elif resume_from:
+            trainer.load_compact(resume_from)
         val = trainer.fit(max_steps=max_steps, max_minutes=max_minutes, progress=progress)
         card_path = Path(cfg.out) / "model.json"
         if trainer.rank == 0:
@@ -230,7 +240,9 @@ def run_training(cfg: TrainConfig, data: str | None = None, out: str | None = No
             card = make_card(cfg, splits, net, trainer, val, record)
             if band is not None:
                 card["band_limit"] = {**band.to_dict(), "fitted_on": {"years": list(cfg.train_years)}}
-            save_prior(trainer.ema, card, card_path)
+            save_prior(trainer.ema, card, card_path, splits.norm.tensors())
+            if export_state:
+                trainer.export_compact(export_state)
         return card_path
     finally:
         if started_dist:

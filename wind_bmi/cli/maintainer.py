@@ -48,7 +48,7 @@ def cmd_data_generate(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from wind_bmi.training import run_training
 
-    cfg = load_config(args.config, TrainConfig)
+    cfg = load_config(args.config, TrainConfig, args.set or ())
     from pathlib import Path
 
     data = args.data or cfg.data
@@ -56,8 +56,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError(f"train: data folder {data!r} does not exist (--data or the config's 'data')")
     if args.init_from:
         cfg = dataclasses.replace(cfg, init_from=args.init_from)
+    if args.resume_from and not Path(args.resume_from).with_suffix(".json").is_file():
+        raise ConfigError(f"train: --resume-from {args.resume_from!r}: no compact state (.json + .safetensors) there")
     card = run_training(cfg, data=args.data, out=args.out, resume=args.resume, max_minutes=args.max_minutes,
-                        max_steps=args.max_steps, device=args.device)
+                        max_steps=args.max_steps, device=args.device, resume_from=args.resume_from,
+                        export_state=args.export_state)
     print(f"model card: {card}")
     return 0
 
@@ -124,6 +127,12 @@ def add_commands(sub: Any, dsub: Any) -> None:
     tr.add_argument("--max-minutes", type=positive_float, dest="max_minutes", help="stop this call after N minutes")
     tr.add_argument("--max-steps", type=non_negative_int, dest="max_steps", help="stop this call at step N")
     tr.add_argument("--device", default="cpu", help="cpu or cuda")
+    tr.add_argument("--resume-from", dest="resume_from", metavar="STATE",
+                    help="with --resume and no <out>/train_state.*: continue from a compact state (STATE.json)")
+    tr.add_argument("--export-state", dest="export_state", metavar="STATE",
+                    help="after this call, write the compact resumable state (float16 weights + EMA) to STATE.*")
+    tr.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="override a config key (dotted for sections, YAML value), e.g. normalisation=channel")
     tr.set_defaults(func=cmd_train)
 
     bl = sub.add_parser("band-limit", help="fit the data's zonal band limit into a prior's card",

@@ -1,7 +1,7 @@
 """Channels, normalisation statistics and ``(T, C, H, W)`` training windows.
 
 A channel is one ``(variable, level)`` pair (surface fields have level ``None``). Statistics
-(per-channel mean and standard deviation) are computed on the training years only and travel
+(:class:`Normalisation`) are computed on the training years only and travel
 with the model card. Windows are ``T`` consecutive frames with a constant time step; a window
 never straddles a gap (e.g. the seam between two generator runs).
 """
@@ -57,39 +57,75 @@ def stack_channels(ds: xr.Dataset, channels: Sequence[Channel]) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class Normalisation:
-    """Per-channel affine normalisation ``x_norm = (x - mean) / std``.
+    """Affine normalisation ``x_norm = (x - mean) / std`` with one ``std`` per channel.
 
-    Precipitation is heavy-tailed; it is normalised like the others (the prior learns the
-    tail), which keeps the map affine and the operators' units simple.
+    ``kind`` ``"channel"``: one mean per channel, ``mean`` ``(C,)``. ``kind`` ``"gridpoint"``: the
+    training years' time-mean field per channel, ``mean`` ``(C, H, W)``, and ``std`` the channel's
+    anomaly scale about it. The time-mean field carries orography and the latitude structure (surface
+    pressure spans 54-109 kPa with orography while its weather is a few hundred Pa), so the network
+    models anomalies and a normalised error of 0.1 is 0.1 of the weather, not of the terrain.
+    The map stays affine per channel, so linear operators map physical targets through it exactly
+    (``A(m + s x) = A(m) + s A(x)`` for operators that keep channels apart).
+    Precipitation is heavy-tailed; it is normalised like the others (the prior learns the tail).
     """
 
     mean: np.ndarray
     std: np.ndarray
 
+    KINDS = ("channel", "gridpoint")
+
+    @property
+    def kind(self) -> str:
+        return "gridpoint" if self.mean.ndim == 3 else "channel"
+
     @classmethod
-    def fit(cls, frames: np.ndarray) -> Normalisation:
+    def fit(cls, frames: np.ndarray, kind: str = "channel") -> Normalisation:
         """Statistics over ``frames`` of shape ``(N, C, H, W)`` (float64 accumulation)."""
-        mean = frames.mean(axis=(0, 2, 3), dtype=np.float64)
-        var = np.zeros_like(mean)
-        for c in range(frames.shape[1]):
-            var[c] = np.mean((frames[:, c].astype(np.float64) - mean[c]) ** 2)
+        if kind not in cls.KINDS:
+            raise ValueError(f"normalisation: expected one of {list(cls.KINDS)}, got {kind!r}")
+        C = frames.shape[1]
+        if kind == "gridpoint":
+            mean = np.stack([frames[:, c].mean(axis=0, dtype=np.float64) for c in range(C)])
+        else:
+            mean = frames.mean(axis=(0, 2, 3), dtype=np.float64)
+        var = np.zeros(C)
+        for c in range(C):
+            m = mean[c] if kind == "gridpoint" else mean[c, None, None]
+            var[c] = np.mean((frames[:, c].astype(np.float64) - m) ** 2)
         std = np.sqrt(np.maximum(var, 1e-30))
         return cls(mean.astype(np.float64), std.astype(np.float64))
 
+    def _mean(self) -> np.ndarray:
+        return self.mean if self.mean.ndim == 3 else self.mean.reshape(-1, 1, 1)
+
     def normalise(self, x: np.ndarray) -> np.ndarray:
-        shape = (-1, 1, 1)
-        return ((x - self.mean.reshape(shape)) / self.std.reshape(shape)).astype(np.float32)
+        return ((x - self._mean()) / self.std.reshape(-1, 1, 1)).astype(np.float32)
 
     def denormalise(self, x: np.ndarray) -> np.ndarray:
-        shape = (-1, 1, 1)
-        return (x * self.std.reshape(shape) + self.mean.reshape(shape)).astype(np.float32)
+        return (x * self.std.reshape(-1, 1, 1) + self._mean()).astype(np.float32)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"mean": self.mean.tolist(), "std": self.std.tolist()}
+        """Card entry; a ``gridpoint`` mean field travels as the tensor ``normalisation.mean`` in the
+        weights file (:meth:`tensors`), the card keeps its per-channel average for reference."""
+        per_channel = self.mean.reshape(len(self.std), -1).mean(axis=1)
+        d: dict[str, Any] = {"kind": self.kind, "mean": per_channel.tolist(), "std": self.std.tolist()}
+        if self.kind == "gridpoint":
+            d["mean_field"] = "normalisation.mean"
+        return d
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        """Arrays stored beside the weights (the ``gridpoint`` mean field), keyed by tensor name."""
+        return {"normalisation.mean": self.mean.astype(np.float32)} if self.kind == "gridpoint" else {}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Normalisation:
-        return cls(np.asarray(d["mean"], dtype=np.float64), np.asarray(d["std"], dtype=np.float64))
+    def from_dict(cls, d: dict[str, Any], tensors: dict[str, Any] | None = None) -> Normalisation:
+        std = np.asarray(d["std"], dtype=np.float64)
+        if d.get("kind", "channel") == "gridpoint":
+            name = d.get("mean_field", "normalisation.mean")
+            if not tensors or name not in tensors:
+                raise ValueError(f"normalisation: kind 'gridpoint' needs the tensor {name!r} beside the weights")
+            return cls(np.asarray(tensors[name], dtype=np.float64), std)
+        return cls(np.asarray(d["mean"], dtype=np.float64), std)
 
 
 def select_years(ds: xr.Dataset, years: Sequence[int]) -> xr.Dataset:
@@ -182,7 +218,7 @@ def load_years(paths: Sequence[str | Path], years: Sequence[int], channels: list
 
 def build_splits(paths: Sequence[str | Path], variables: Sequence[str], train_years: Sequence[int],
                  val_years: Sequence[int], test_years: Sequence[int] = (), T: int = 5,
-                 norm: Normalisation | None = None) -> Splits:
+                 norm: Normalisation | None = None, normalisation: str = "channel") -> Splits:
     """Load the splits by calendar year from one or more data folders; statistics from training only
     (or ``norm``, e.g. a prior's own when fine-tuning it).
 
@@ -191,9 +227,10 @@ def build_splits(paths: Sequence[str | Path], variables: Sequence[str], train_ye
     """
     train_raw, train_t, channels, ds0 = _load_split(paths, train_years, None, variables)
     if norm is None:
-        norm = Normalisation.fit(train_raw)
-    elif norm.mean.shape != (train_raw.shape[1],):
-        raise ValueError(f"normalisation has {norm.mean.shape[0]} channels, the data {train_raw.shape[1]}")
+        norm = Normalisation.fit(train_raw, normalisation)
+    elif norm.std.shape != (train_raw.shape[1],) or norm.mean.shape not in ((train_raw.shape[1],), train_raw.shape[1:]):
+        raise ValueError(f"normalisation of shape {norm.mean.shape} does not fit the data's (C, H, W) = "
+                         f"{train_raw.shape[1:]}")
     train = WindowDataset(_norm_frames(norm, train_raw), train_t, T)
     del train_raw
     val_raw, val_t, _, _ = _load_split(paths, val_years, channels, variables)
@@ -215,8 +252,6 @@ def build_splits(paths: Sequence[str | Path], variables: Sequence[str], train_ye
 def _norm_frames(norm: Normalisation, frames: np.ndarray) -> np.ndarray:
     """Normalise ``(N, C, H, W)`` in place-ish, chunked to bound peak memory."""
     out = np.empty(frames.shape, dtype=np.float32)
-    m = norm.mean.reshape(1, -1, 1, 1)
-    s = norm.std.reshape(1, -1, 1, 1)
     for i in range(0, len(frames), 256):
-        out[i:i + 256] = (frames[i:i + 256] - m) / s
+        out[i:i + 256] = norm.normalise(frames[i:i + 256])
     return out
