@@ -37,7 +37,7 @@ from wind_bmi.data.layouts import open_any
 from wind_bmi.data.windows import Channel, stack_channels
 from wind_bmi.variables import STATE_VARIABLES, VARIABLES, derived_name
 
-OBS_NAME = "atmosphere_air__observed_temperature"
+OBS_NAME = "atmosphere_air__observed_value_of_temperature"
 STATE_NAME = "atmosphere_air__temperature"
 
 
@@ -213,8 +213,8 @@ def run_assimilation(cfg: AssimilationConfig, out: str | Path, comm: Any = None)
         failed = _failures(comm.allgather(status))
         if failed:
             break
-        members = da.get_value(STATE_NAME + "_ensemble_members", np.empty(my_members * n)).reshape(my_members, n)
-        fm = free.get_value(STATE_NAME + "_ensemble_members", np.empty(my_members * n)).reshape(my_members, n)
+        members = da.get_value(derived_name(STATE_NAME, "members"), np.empty(my_members * n)).reshape(my_members, n)
+        fm = free.get_value(derived_name(STATE_NAME, "members"), np.empty(my_members * n)).reshape(my_members, n)
         s1, s2, f1, cnt = _reduce(comm, members, fm)
         mean = s1 / cnt
         var = np.maximum(s2 / cnt - mean**2, 0.0) * cnt / max(cnt - 1, 1)
@@ -229,7 +229,7 @@ def run_assimilation(cfg: AssimilationConfig, out: str | Path, comm: Any = None)
         history["n_obs"].append(int(g_idx.size))
         for name in scored:  # the analysis of the other variables (BMI units) against their truth
             nv = ext_size[name]
-            out_name = VARIABLES[name].csdms + "_ensemble_members"
+            out_name = derived_name(VARIABLES[name].csdms, "members")
             em = da.get_value(out_name, np.empty(my_members * nv)).reshape(my_members, nv)
             ef = free.get_value(out_name, np.empty(my_members * nv)).reshape(my_members, nv)
             e1, _, ef1, ecnt = _reduce(comm, em, ef)

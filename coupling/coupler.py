@@ -11,7 +11,7 @@ component and variable.
 
     coupler = Coupler({"wind": wind, "ocean": ocean}, [
         Exchange("wind", "atmosphere_air__temperature", "ocean", "atmosphere_bottom_air__temperature", level=0.95),
-        Exchange("ocean", "sea_surface_air__temperature", "wind", "atmosphere_air__host_observed_temperature"),
+        Exchange("ocean", "sea_surface_air__temperature", "wind", "atmosphere_air__host_grid_observed_value_of_temperature"),
     ], interval_seconds=86400.0)
     coupler.run(10 * 86400.0)
 """

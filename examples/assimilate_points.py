@@ -17,7 +17,7 @@ from wind_bmi.data.layouts import open_any
 from wind_bmi.data.windows import Channel, stack_channels
 
 NAME = "atmosphere_air__temperature"
-OBS = "atmosphere_air__observed_temperature"
+OBS = "atmosphere_air__observed_value_of_temperature"
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

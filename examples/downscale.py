@@ -22,7 +22,7 @@ from wind_bmi import WindBmi
 from wind_bmi.data.layouts import open_any
 from wind_bmi.data.windows import Channel, stack_channels
 
-COARSE = "atmosphere_air__coarse_temperature"
+COARSE = "atmosphere_air__coarse_mean_of_temperature"
 NAME = "atmosphere_air__temperature"
 
 

@@ -228,12 +228,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     sigma = float(levels[np.argmin(np.abs(levels - 0.95))])
     coupler = Coupler({"wind": wind, "ocean": ocean}, [
         Exchange("wind", "atmosphere_air__temperature", "ocean", AIR_IN, method="conservative", level=sigma),
-        Exchange("ocean", AIR_OUT, "wind", "atmosphere_air__host_observed_temperature"),
+        Exchange("ocean", AIR_OUT, "wind", "atmosphere_air__host_grid_observed_value_of_temperature"),
     ], interval_seconds=wind.get_time_step() * 3600.0)
     history = coupler.run(args.days * 86400.0)
     for rec in history:
         print(f"day {rec['seconds'] / 86400:4.1f}: ocean receives air T {rec['ocean.' + AIR_IN]:.2f} K, "
-              f"WIND receives host air T {rec['wind.atmosphere_air__host_observed_temperature']:.2f} K")
+              f"WIND receives host air T {rec['wind.atmosphere_air__host_grid_observed_value_of_temperature']:.2f} K")
     print(f"after {args.days} days: WIND t = {wind.get_current_time()} {wind.get_time_units()}, "
           f"ocean t = {ocean.get_current_time()} {ocean.get_time_units()}")
     if args.out:

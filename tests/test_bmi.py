@@ -13,9 +13,10 @@ from wind_bmi import WindBmi
 from wind_bmi.bmi import VARIABLE_TABLE
 from wind_bmi.config import ConfigError
 from wind_bmi.data.layouts import open_any
+from wind_bmi.variables import derived_name
 
 T_NAME = "atmosphere_air__temperature"
-T_OBS = "atmosphere_air__observed_temperature"
+T_OBS = "atmosphere_air__observed_value_of_temperature"
 PS_NAME = "atmosphere_bottom_air__pressure"
 
 
@@ -48,8 +49,8 @@ def test_update_advances_one_window_and_ptr_keeps_identity(bmi_config: Path) -> 
     dest = np.empty(b.get_grid_size(b.get_var_grid(T_NAME)))
     assert b.get_value(T_NAME, dest) is dest
     np.testing.assert_array_equal(dest, ptr)
-    spread = b.get_value(T_NAME + "_ensemble_spread", np.empty_like(dest))
-    members = b.get_value(T_NAME + "_ensemble_members", np.empty(3 * dest.size)).reshape(3, -1)
+    spread = b.get_value(derived_name(T_NAME, "spread"), np.empty_like(dest))
+    members = b.get_value(derived_name(T_NAME, "members"), np.empty(3 * dest.size)).reshape(3, -1)
     np.testing.assert_allclose(members.mean(axis=0), dest, rtol=1e-5)
     np.testing.assert_allclose(members.std(axis=0, ddof=1), spread, rtol=1e-4, atol=1e-6)
     assert spread.max() > 0  # members are carried independently
@@ -111,7 +112,7 @@ def test_observations_pull_the_analysis_towards_them_and_are_cleared(bmi_config:
 
 def test_coarse_input_is_honoured(bmi_config: Path) -> None:
     b = make(bmi_config)
-    name = "atmosphere_air__coarse_temperature"
+    name = "atmosphere_air__coarse_mean_of_temperature"
     n = b.get_grid_size(b.get_var_grid(name))
     shape = np.zeros(3, dtype=int)
     b.get_grid_shape(b.get_var_grid(name), shape)
@@ -135,16 +136,16 @@ def test_scalar_targets_and_state_replacement(bmi_config: Path) -> None:
     n = b.get_grid_size(b.get_var_grid(PS_NAME))
     b.set_value(PS_NAME, np.full(n, 95000.0))
     np.testing.assert_allclose(b.get_value(PS_NAME, np.empty(n)), 95000.0)
-    assert b.get_value(PS_NAME + "_ensemble_spread", np.empty(n)).max() < 1e-3
-    dam = "atmosphere_dry_air__target_mass"
+    assert b.get_value(derived_name(PS_NAME, "spread"), np.empty(n)).max() < 1e-3
+    dam = "atmosphere_dry_air__target_value_of_mass"
     assert np.isnan(b.get_value(dam, np.empty(1)))[0]
     # 4 frames x dry mass + 1 temperature mean = 5 observations: 5 CG iterations solve them jointly
     free = make(bmi_config, guidance={"method": "mmps", "iterations": 5})
     guided = make(bmi_config, guidance={"method": "mmps", "iterations": 5})
     target = guided.component.m_ref * 1.002
     guided.set_value(dam, np.array([target]))
-    guided.set_value("atmosphere_air__target_mean_temperature_increment", np.array([1.5]))
-    assert guided.get_value("atmosphere_air__target_mean_temperature_increment", np.empty(1))[0] == 1.5
+    guided.set_value("atmosphere_air__target_value_of_domain_mean_increment_of_temperature", np.array([1.5]))
+    assert guided.get_value("atmosphere_air__target_value_of_domain_mean_increment_of_temperature", np.empty(1))[0] == 1.5
     free.update()
     guided.update()
     import torch
@@ -222,7 +223,7 @@ def test_bad_inputs_raise_clear_errors_and_leave_state_unchanged(bmi_config: Pat
     with pytest.raises(IndexError):
         b.set_value_at_indices(T_OBS, np.array([n]), np.array([1.0]))
     with pytest.raises(KeyError, match="output only"):
-        b.set_value(T_NAME + "_ensemble_spread", before)
+        b.set_value(derived_name(T_NAME, "spread"), before)
     np.testing.assert_array_equal(b.get_value(T_NAME, np.empty(n)), before)
     assert np.isnan(b.get_value(T_OBS, np.empty(n))).all()
     assert b.get_current_time() == 0.0
@@ -248,7 +249,7 @@ def test_bad_inputs_raise_clear_errors_and_leave_state_unchanged(bmi_config: Pat
         WindBmi().initialize(str(bad_cfg))
 
 
-HOST_T = "atmosphere_air__host_observed_temperature"
+HOST_T = "atmosphere_air__host_grid_observed_value_of_temperature"
 HOST_LAT = [67.5, 22.5, -22.5, -67.5]  # north to south, -180..180 longitudes: not WIND's conventions
 HOST_LON = [-157.5 + 45.0 * i for i in range(8)]
 
@@ -316,7 +317,7 @@ def test_member_outputs_sit_on_a_point_set_at_their_cells(bmi_config: Path) -> N
     """Members are an unstructured grid of nodes only whose node i is the i-th value of the flat
     (member, level, lat, lon) array: its x, y, z are that cell's longitude, latitude and sigma."""
     b = make(bmi_config)
-    name = T_NAME + "_ensemble_members"
+    name = derived_name(T_NAME, "members")
     g = b.get_var_grid(name)
     assert b.get_grid_type(g) == "unstructured" and b.get_grid_rank(g) == 3
     n = b.get_grid_node_count(g)
@@ -353,3 +354,23 @@ def test_a_prior_without_the_served_variables_is_refused_by_name(bmi_config: Pat
     shutil.copy(tiny_model.with_suffix(".safetensors"), other.with_suffix(".safetensors"))
     with pytest.raises(ConfigError, match=r"no channels for \['precipitation'\].*total_precipitation_6hr"):
         make(bmi_config, model=str(other))
+
+
+def test_variable_names_follow_the_csdms_templates() -> None:
+    """State variables carry registry names; derived ones the operation template
+    ``<object>__<operation>_of_<quantity>`` on the state variable's object and quantity."""
+    import re
+
+    from wind_bmi.bmi import HOST_VARIABLE_TABLE
+    from wind_bmi.variables import OPERATIONS, VARIABLES
+
+    state = {VARIABLES[s.variable].csdms for s in VARIABLE_TABLE.values() if s.role == "state"}
+    assert "atmosphere_bottom_air__pressure" in state and "atmosphere_air__temperature" in state
+    for name, spec in {**VARIABLE_TABLE, **HOST_VARIABLE_TABLE}.items():
+        assert re.fullmatch(r"[a-z0-9~]+(_[a-z0-9~]+)*__[a-z0-9~]+(_[a-z0-9~]+)*", name), name
+        if spec.role in OPERATIONS:
+            base = VARIABLES[spec.variable].csdms
+            obj, quantity = base.split("__")
+            assert name == f"{obj}__{OPERATIONS[spec.role]}_of_{quantity}" == derived_name(base, spec.role)
+        elif spec.role in ("scalar", "diagnostic"):
+            assert "_of_" in name, name

@@ -17,7 +17,7 @@ from wind_bmi import WindBmi
 ROOT = Path(__file__).resolve().parents[1]
 EX = runpy.run_path(str(ROOT / "examples" / "slab_ocean.py"), run_name="not_main")
 T3 = "atmosphere_air__temperature"
-HOST_T = "atmosphere_air__host_observed_temperature"
+HOST_T = "atmosphere_air__host_grid_observed_value_of_temperature"
 
 
 @pytest.fixture()

@@ -6,13 +6,15 @@ Variables (CSDMS names; the full table is in docs/bmi.md):
 
 * outputs (ensemble mean at the current time): ``atmosphere_air__temperature`` ... on grid 0
   (rank 3: sigma level, latitude ascending, longitude) or grid 1 (rank 2: latitude, longitude);
-  ``<name>_ensemble_spread`` (standard deviation, ddof 1) on the same grids; ``<name>_ensemble_members``
-  on rank-1 grids 5/6 over the flat C-order index of ``(member, [level,] lat, lon)`` (x = that index).
+  ``<object>__ensemble_standard_deviation_of_<quantity>`` (ddof 1) on the same grids;
+  ``<object>__ensemble_members_of_<quantity>`` on the unstructured grids 5/6 (one node per member and
+  cell, C order ``(member, [level,] lat, lon)``). Derived names follow the CSDMS operation template
+  ``<object>__<operation>_of_<quantity>`` (``wind_bmi.variables.OPERATIONS``).
 * inputs: every state variable (``set_value`` replaces the newest clean frame of all members);
-  observed twins ``<object>__observed_<quantity>`` (NaN = unobserved; valid at the end of the next
-  ``update``); coarse twins ``<object>__coarse_<quantity>`` on grids 2/3 (4x coarser area means);
+  observed twins ``<object>__observed_value_of_<quantity>`` (NaN = unobserved; valid at the end of the next
+  ``update``); coarse twins ``<object>__coarse_mean_of_<quantity>`` on grids 2/3 (4x coarser area means);
   scalar targets on grid 4; with ``host_grid`` in the config, host-grid twins
-  ``<object>__host_observed_<quantity>`` on grid 7 (the host's lat-lon grid; NaN = unobserved),
+  ``<object>__host_grid_observed_value_of_<quantity>`` on grid 7 (the host's lat-lon grid; NaN = unobserved),
   assimilated through the regridding weights as ``y = W x`` (3-D variables: one sigma level).
 """
 
@@ -40,9 +42,9 @@ LOG = logging.getLogger("wind_bmi")
 BMI_UNITS = {"precipitation": ("m s-1", 1e-3)}  # leq volume flux: kg m-2 s-1 / 1000 kg m-3
 
 SCALAR_TARGETS = {
-    "atmosphere_dry_air__target_mass": ("dry_air_mass", "kg"),
-    "atmosphere_air__target_mean_temperature_increment": ("warming_kelvin", "K"),
-    "atmosphere_air_water~vapor__target_mean_specific_saturation_relative_increment": ("humidity_percent", "percent"),
+    "atmosphere_dry_air__target_value_of_mass": ("dry_air_mass", "kg"),
+    "atmosphere_air__target_value_of_domain_mean_increment_of_temperature": ("warming_kelvin", "K"),
+    "atmosphere_air_water~vapor__target_value_of_domain_mean_relative_increment_of_specific_saturation": ("humidity_percent", "percent"),
 }
 
 
@@ -66,10 +68,7 @@ def build_variable_table() -> dict[str, VarSpec]:
         g, gc, gm = (GRID_3D, GRID_3D_COARSE, GRID_MEMBERS_3D) if info.levels else \
             (GRID_2D, GRID_2D_COARSE, GRID_MEMBERS_2D)
         table[info.csdms] = VarSpec(info.csdms, var, "state", g, units, scale)
-        table[info.csdms + "_ensemble_spread"] = VarSpec(info.csdms + "_ensemble_spread", var, "spread", g, units, scale)
-        table[info.csdms + "_ensemble_members"] = VarSpec(info.csdms + "_ensemble_members", var, "members", gm, units,
-                                                          scale)
-        for word, grid in (("observed", g), ("coarse", gc)):
+        for word, grid in (("spread", g), ("members", gm), ("observed", g), ("coarse", gc)):
             name = derived_name(info.csdms, word)
             table[name] = VarSpec(name, var, word, grid, units, scale)
     for name, (key, units) in SCALAR_TARGETS.items():

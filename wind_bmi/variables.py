@@ -64,8 +64,20 @@ VECTOR_VARIABLES = ("u_wind", "v_wind", "10m_u_wind", "10m_v_wind")
 STATE_VARIABLES = ("temperature", "u_wind", "v_wind", "specific_humidity", "surface_pressure", "precipitation")
 
 
-def derived_name(csdms: str, word: str) -> str:
-    """The CSDMS name of a derived quantity: ``word`` before the quantity (``atmosphere_air__temperature``,
-    ``observed`` -> ``atmosphere_air__observed_temperature``)."""
+#: The CSDMS operation (``<object>__<operation>_of_<quantity>``) of each derived BMI variable role.
+OPERATIONS = {
+    "spread": "ensemble_standard_deviation",
+    "members": "ensemble_members",
+    "observed": "observed_value",
+    "coarse": "coarse_mean",
+    "host_observed": "host_grid_observed_value",
+}
+
+
+def derived_name(csdms: str, role: str) -> str:
+    """The CSDMS name of a derived quantity, the operation template ``<object>__<operation>_of_<quantity>``
+    (``atmosphere_air__temperature``, role ``observed`` -> ``atmosphere_air__observed_value_of_temperature``)."""
+    if role not in OPERATIONS:
+        raise KeyError(f"no CSDMS operation for role {role!r} (roles: {sorted(OPERATIONS)})")
     obj, quantity = csdms.split("__", 1)
-    return f"{obj}__{word}_{quantity}"
+    return f"{obj}__{OPERATIONS[role]}_of_{quantity}"
