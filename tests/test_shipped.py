@@ -229,7 +229,8 @@ def test_warming_through_the_bmi_delivers_its_target_against_the_same_seed_free_
     free.initialize(str(cfg))
     warm.initialize(str(cfg))
     warm.set_value("atmosphere_air__target_value_of_domain_mean_increment_of_temperature", np.array([2.0]))
-    warm.set_value("atmosphere_air_water~vapor__target_value_of_domain_mean_relative_increment_of_specific_saturation", np.array([14.0]))
+    warm.set_value("atmosphere_air_water~vapor__target_value_of_domain_mean_relative_increment_of_specific_saturation",
+                   np.array([14.0]))
     shape = tuple(warm.get_grid_shape(0, np.empty(3, dtype=int)))
     areas = LatLonGrid(warm.get_grid_y(0, np.empty(shape[1])), warm.get_grid_x(0, np.empty(shape[2]))).areas()
 

@@ -44,7 +44,8 @@ BMI_UNITS = {"precipitation": ("m s-1", 1e-3)}  # leq volume flux: kg m-2 s-1 / 
 SCALAR_TARGETS = {
     "atmosphere_dry_air__target_value_of_mass": ("dry_air_mass", "kg"),
     "atmosphere_air__target_value_of_domain_mean_increment_of_temperature": ("warming_kelvin", "K"),
-    "atmosphere_air_water~vapor__target_value_of_domain_mean_relative_increment_of_specific_saturation": ("humidity_percent", "percent"),
+    "atmosphere_air_water~vapor__target_value_of_domain_mean_relative_increment_of_specific_saturation":
+        ("humidity_percent", "percent"),
 }
 
 
