@@ -9,7 +9,7 @@ fp32 master weights.
 Determinism and resume: the data order is a fixed function of ``(seed, epoch)`` and the noise of
 ``(seed, step, rank)``, so a run resumed from a checkpoint continues bit-for-bit. Training state
 (model, EMA, optimiser tensors) is stored as safetensors plus JSON, written atomically. A compact
-state (weights and EMA in float16, no optimiser moments) carries a long run between machines.
+state (EMA weights in float16) carries a long run between machines.
 """
 
 from __future__ import annotations
@@ -273,26 +273,26 @@ class Trainer:
         self.rewarm_from = meta.get("rewarm_from")
 
     def export_compact(self, path: str | Path) -> Path:
-        """Write a compact resumable state: weights and EMA weights in float16 (``<path>.safetensors``)
-        plus the step, times, settings and history (``<path>.json``), atomically; rank 0 only.
+        """Write a compact resumable state: the EMA weights in float16 (``<path>.safetensors``, an
+        eighth of ``train_state.*``) plus the step, times, settings and history (``<path>.json``),
+        atomically; rank 0 only.
 
-        The optimiser moments are left out (they double the size); :meth:`load_compact` restarts
-        them and ramps the LR up again over ``warmup_steps``. This is what a training campaign
-        commits between machines; ``train_state.*`` stays the bit-exact local checkpoint.
+        What a training campaign commits between machines, so it stays small: the raw weights and the
+        optimiser moments are left out. :meth:`load_compact` restarts the raw weights from the EMA
+        weights (the better of the two at any point), restarts the moments and ramps the LR up again
+        over ``warmup_steps``. ``train_state.*`` stays the bit-exact local checkpoint.
         """
         path = Path(path).with_suffix("")
         if self.rank != 0:
             return path.with_suffix(".json")
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {f"net.{k}": v.detach().to("cpu", torch.float16).contiguous() for k, v in self.net.state_dict().items()}
-        tensors.update({f"ema.{k}": v.detach().to("cpu", torch.float16).contiguous()
-                        for k, v in self.ema.state_dict().items()})
+        tensors = {f"ema.{k}": v.detach().to("cpu", torch.float16).contiguous() for k, v in self.ema.state_dict().items()}
         weights, meta_path = path.with_suffix(".safetensors"), path.with_suffix(".json")
         tmp = weights.with_name(weights.name + ".tmp")
         save_file(tensors, str(tmp))
         meta = {"step": self.step, "wall_seconds": self.wall, "elapsed_seconds": self.elapsed,
                 "settings": dataclasses.asdict(self.s), "history": self.history, "dtype": "float16",
-                "optimizer": "not stored (moments restart, LR re-warmed)"}
+                "stored": "EMA weights; the raw weights restart from them, the optimiser moments from zero"}
         tmpj = meta_path.with_name(meta_path.name + ".tmp")
         tmpj.write_text(json.dumps(meta))
         os.replace(tmp, weights)
@@ -300,13 +300,14 @@ class Trainer:
         return meta_path
 
     def load_compact(self, path: str | Path) -> None:
-        """Continue from :meth:`export_compact`'s files: weights, EMA, step and history; a fresh
-        optimiser whose LR is re-warmed from this step."""
+        """Continue from :meth:`export_compact`'s files: the EMA weights (the raw weights start from
+        them), step and history; a fresh optimiser whose LR is re-warmed from this step."""
         path = Path(path).with_suffix("")
         meta = json.loads(path.with_suffix(".json").read_text())
         tensors = load_file(str(path.with_suffix(".safetensors")))
-        self.net.load_state_dict({k[4:]: v.float() for k, v in tensors.items() if k.startswith("net.")})
-        self.ema.load_state_dict({k[4:]: v.float() for k, v in tensors.items() if k.startswith("ema.")})
+        ema = {k[4:]: v.float() for k, v in tensors.items() if k.startswith("ema.")}
+        self.ema.load_state_dict(ema)
+        self.net.load_state_dict(ema)
         self.step = int(meta["step"])
         self.wall = float(meta["wall_seconds"])
         self.elapsed = float(meta.get("elapsed_seconds", 0.0))

@@ -198,3 +198,19 @@ def test_forecast_skill_denoise_levels_scores_the_noise_it_added() -> None:
     assert out["levels"]["1"]["persistence"] == pytest.approx(float(np.sqrt((d**2 * w[:, None]).mean())), rel=1e-5)
     assert out["levels"]["0.02"]["network"] < 0.5 * out["levels"]["1"]["network"]
     assert 0.0 <= out["levels"]["1"]["lambda_star"] <= 1.0
+
+
+def test_evaluate_forecast_scores_an_autoregressive_baseline_side_by_side(tmp_path: Path) -> None:
+    """``--ar-model``: a second prior forecast by the same sampler with the same seeds; given the shipped
+    prior itself, every score equals the diffusion-forcing model's (the wiring adds nothing of its own)."""
+    from wind_bmi.model.checkpoint import shipped_card_path
+
+    out = tmp_path / "eval"
+    assert main(["evaluate", "forecast", "--data", str(shipped_sample_path()), "--out", str(out), "--quick",
+                 "--ar-model", str(shipped_card_path())]) == 0
+    recs = json.loads((out / "metrics.json").read_text())
+    by = {(r["variable"], r["level"], r["lead_hours"], r["metric"]): r["value"] for r in recs if r["method"] == "wind"}
+    ar = {(r["variable"], r["level"], r["lead_hours"], r["metric"]): r["value"] for r in recs if r["method"] == "ar_uvit"}
+    assert set(ar) == set(by) and {"rmse", "crps", "ssr", "overshoot_percent"} <= {k[3] for k in ar}
+    assert all(ar[k] == pytest.approx(by[k], rel=1e-6) or (math.isnan(ar[k]) and math.isnan(by[k])) for k in ar)
+    assert {k[0] for k in ar if k[3] == "overshoot_percent"} == {"specific_humidity", "precipitation"}

@@ -57,3 +57,16 @@ def test_zonal_spectrum_peaks_at_the_planted_wavenumber() -> None:
     spec = zonal_power_spectrum(field, LAT)
     assert int(np.argmax(spec)) == 5
     assert spec[5] == pytest.approx(9.0 / 2)  # amplitude^2 / 2 (Parseval)
+
+
+def test_relative_bias_percent_is_the_area_mean_overshoot() -> None:
+    from wind_bmi.evaluation.scores import relative_bias_percent
+
+    lat = np.linspace(-80, 80, 9)
+    truth = np.ones((9, 12))
+    assert float(relative_bias_percent(truth * 1.1, truth, lat)) == pytest.approx(10.0)
+    f = truth.copy()
+    f[4] = 3.0  # the equator row weighs more than a polar row
+    g = truth.copy()
+    g[0] = 3.0
+    assert float(relative_bias_percent(f, truth, lat)) > float(relative_bias_percent(g, truth, lat)) > 0

@@ -85,7 +85,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     try:
         path = run_evaluation(args.task, args.data, args.out, quick=args.quick, model=args.model, seed=args.seed,
-                              warm_data=args.warm_data)
+                              warm_data=args.warm_data, ar_model=args.ar_model)
     except ValueError as exc:  # bad task, data or --out report (CheckpointError included)
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -193,6 +193,8 @@ def add_commands(sub: Any, dsub: Any) -> None:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--warm-data", help="the same period from the GCM with --sst-offset 2 (warming: the GCM's own "
                                         "precipitation-intensity change)")
+    ev.add_argument("--ar-model", type=existing_path, help="forecast: also score this autoregressive baseline "
+                                                         "(AR-UViT card, config/prior_ar.yaml) side by side")
     ev.set_defaults(func=cmd_evaluate)
 
     da = sub.add_parser("assimilate", help="cycled DA OSSE (run under mpiexec -n N): members and observation "

@@ -77,24 +77,41 @@ def run_bench(out: str | Path, quick: bool = False, model: str | None = None, st
         add(f"network_forward_seconds_{dt_name}", t, "s", batch=1)
         add(f"network_forward_tflops_{dt_name}", fwd_flops / t / 1e12, "TFLOP/s", batch=1)
 
-    # training throughput with a trainable copy of the shipped architecture
-    train_net = build_network(prior.card)
-    opt = torch.optim.AdamW(train_net.parameters(), 1e-4)
-    B = 8
-    xb = torch.randn(B, wm.T, wm.C, wm.H, wm.W)
+    # training throughput with a trainable copy of the shipped architecture: the recipe's step (eager,
+    # batch 8, bf16 autocast where native) and, side by side, the variants tried to speed it up
+    def train_rate(B: int = 8, bf16: bool = fast, layout: str = "nchw", compiled: bool = False) -> float:
+        train_net = build_network(prior.card)
+        if layout == "channels_last":
+            train_net = train_net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        run_net: Any = torch.compile(train_net) if compiled else train_net
+        opt = torch.optim.AdamW(train_net.parameters(), 1e-4)
+        xb = torch.randn(B, wm.T, wm.C, wm.H, wm.W)
 
-    def train_step() -> None:
-        with torch.autocast("cpu", torch.bfloat16, enabled=fast):
-            y = train_net(xb)
-        loss = (y.float() - xb).square().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    t = _time(train_step, reps)
-    add("train_samples_per_second", B / t, "samples/s", batch=B, bf16=fast)
-    train_tflops = 3 * fwd_flops * B / t / 1e12  # forward + backward ~ 3x forward
+        def train_step() -> None:
+            with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+                y = run_net(xb)
+            loss = (y.float() - xb).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        if compiled:
+            train_step()  # compilation
+        return B / _time(train_step, reps)
+
+    rate = train_rate()
+    add("train_samples_per_second", rate, "samples/s", batch=8, bf16=fast)
+    train_tflops = 3 * fwd_flops * rate / 1e12  # forward + backward ~ 3x forward
     add("network_utilisation", train_tflops / peak, f"fraction of {'bf16' if fast else 'fp32'} matmul",
         train_tflops=train_tflops)
+    if not quick:
+        variants: list[tuple[str, dict[str, Any]]] = [("batch_4", {"B": 4}), ("batch_16", {"B": 16}),
+                                                      ("channels_last", {"layout": "channels_last"}),
+                                                      ("torch_compile", {"compiled": True})]
+        if fast:
+            variants.append(("fp32", {"bf16": False}))
+        for label, kw in variants:
+            r = train_rate(**kw)
+            add(f"train_samples_per_second_{label}", r, "samples/s", relative_to_recipe=round(r / rate, 3), **kw)
 
     # guided vs unguided 24-h windows (1 context frame, 4 new frames)
     ds = open_any(shipped_sample_path())

@@ -63,10 +63,16 @@ class Evaluation:
     """Holds the model, the truth frames and the collected records."""
 
     def __init__(self, data: str | Path, out: str | Path, budget: Budget, model: str | None = None,
-                 seed: int = 0, warm_data: str | Path | None = None) -> None:
+                 seed: int = 0, warm_data: str | Path | None = None, ar_model: str | None = None) -> None:
         guidance = GuidanceConfig()
         self.wm = WindModel(load_prior(model), "cpu", bf16=None, steps=budget.steps, eta=SamplerConfig().eta,
                             iterations=guidance.iterations, solver=guidance.solver)
+        # the paper's autoregressive baseline (AR-UViT: trained with clean context always and the new
+        # frames at one level), forecast by the same sampler
+        self.ar = None if ar_model is None else WindModel(load_prior(ar_model), "cpu", bf16=None, steps=budget.steps,
+                                                          eta=SamplerConfig().eta)
+        if self.ar is not None and self.ar.channels != self.wm.channels:
+            raise ValueError(f"--ar-model {ar_model}: its channels differ from the model's")
         self.b = budget
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -160,7 +166,10 @@ class Evaluation:
         per_lead: dict[tuple[str, int], list[float]] = {}
         gcm = self.t21()
         for k, s in enumerate(self.starts(n + 1)):
-            ens = self.wm.forecast(self.truth[s], n * 6, self.b.members, self.gen(k))  # (M, n, C, H, W)
+            runs = {"wind": self.wm.forecast(self.truth[s], n * 6, self.b.members, self.gen(k))}  # (M, n, C, H, W)
+            if self.ar is not None:
+                runs["ar_uvit"] = self.ar.forecast(self.truth[s], n * 6, self.b.members, self.gen(k))
+            ens = runs["wind"]
             truth = self.truth[s + 1: s + 1 + n]
             t21 = None
             if gcm is not None:
@@ -170,19 +179,31 @@ class Evaluation:
             for var, lv, c in self.headline():
                 for j in range(n):
                     y = truth[j, c].numpy()
-                    x = ens[:, j, c].numpy()
                     scored: dict[tuple[str, str], Any] = {
-                        ("wind", "rmse"): scores.rmse(x.mean(axis=0), y, self.lat),
-                        ("wind", "crps"): scores.crps_fair(x, y, self.lat) if x.shape[0] > 1 else np.nan,
-                        ("wind", "ssr"): scores.spread_skill_ratio(x, y, self.lat) if x.shape[0] > 1 else np.nan,
                         ("persistence", "rmse"): scores.rmse(self.truth[s, c].numpy(), y, self.lat),
                         ("climatology", "rmse"): scores.rmse(clim[c].numpy(), y, self.lat),
                     }
+                    for method, run in runs.items():
+                        x = run[:, j, c].numpy()
+                        scored[(method, "rmse")] = scores.rmse(x.mean(axis=0), y, self.lat)
+                        scored[(method, "crps")] = scores.crps_fair(x, y, self.lat) if x.shape[0] > 1 else np.nan
+                        scored[(method, "ssr")] = scores.spread_skill_ratio(x, y, self.lat) if x.shape[0] > 1 else np.nan
                     if t21 is not None:
                         field = t21[var][j] if lv is None else t21[var][j][self.level_index(var, lv)]
                         scored[("gcm_t21", "rmse")] = scores.rmse(field, y, self.lat)
                     for (method, metric), v in scored.items():
                         per_lead.setdefault((f"{var}|{lv}|{(j + 1) * 6}|{method}|{metric}", 0), []).append(float(v))
+            # moisture overshoot: the area mean of the ensemble mean against the truth's, in percent
+            for var in ("specific_humidity", "precipitation"):
+                if not any(v == var for v, _ in self.wm.channels):
+                    continue
+                ch = self.wm.channels_of(var)
+                for method, run in runs.items():
+                    for j in range(n):
+                        b = scores.relative_bias_percent(run[:, j, ch].mean(dim=0).numpy(), truth[j, ch].numpy(),
+                                                         self.lat)
+                        per_lead.setdefault((f"{var}|None|{(j + 1) * 6}|{method}|overshoot_percent", 0),
+                                            []).append(float(np.mean(b)))
         for (key, _), lead_vals in per_lead.items():
             name, level, lead, method, metric = key.split("|")
             self.add("forecast", name, None if level == "None" else float(level), float(lead), method, metric,
@@ -497,7 +518,7 @@ def kriging(obs: np.ndarray, lat: np.ndarray, lon: np.ndarray, length_km: float 
 
 
 def run_evaluation(task: str, data: str | Path, out: str | Path, quick: bool = False, model: str | None = None,
-                   seed: int = 0, warm_data: str | Path | None = None) -> Path:
+                   seed: int = 0, warm_data: str | Path | None = None, ar_model: str | None = None) -> Path:
     """Run one task (or ``all``) and write ``metrics.json``, ``report.md`` and figures into ``out``.
 
     One task run into a directory that holds a report already replaces that task's records and keeps
@@ -517,7 +538,7 @@ def run_evaluation(task: str, data: str | Path, out: str | Path, quick: bool = F
         except (ValueError, TypeError, KeyError) as exc:
             raise ValueError(f"{existing}: not a wind-bmi metrics file ({exc}); choose another --out") from exc
         kept_notes = [n for n in _report_notes(Path(out) / "report.md") if n.split()[0] not in tasks]
-    ev = Evaluation(data, out, QUICK if quick else FULL, model, seed, warm_data)
+    ev = Evaluation(data, out, QUICK if quick else FULL, model, seed, warm_data, ar_model)
     t0 = time.perf_counter()
     for t in tasks:
         getattr(ev, t)()

@@ -34,6 +34,12 @@ def bias(forecast: NDArray[np.float64], truth: NDArray[np.float64], lat: NDArray
     return _wmean(np.asarray(forecast) - truth, lat)
 
 
+def relative_bias_percent(forecast: NDArray[np.float64], truth: NDArray[np.float64],
+                          lat: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Area-mean overshoot ``100 (mean_w f / mean_w y - 1)`` in percent (humidity, precipitation)."""
+    return 100.0 * (_wmean(np.asarray(forecast), lat) / _wmean(np.asarray(truth), lat) - 1.0)
+
+
 def crps_fair(ensemble: NDArray[np.float64], truth: NDArray[np.float64], lat: NDArray[np.float64],
               member_axis: int = 0) -> NDArray[np.float64]:
     """Fair (unbiased) CRPS, latitude-weighted: ``mean|x_i - y| - sum_ij |x_i - x_j| / (2 M (M - 1))``."""
