@@ -110,7 +110,7 @@ def test_compact_state_carries_a_run_to_a_new_folder(tiny_data: Path, tiny_confi
     # zero further steps: the moved run's EMA is the exported one, rounded to float16
     same = run_training(cfg, data=str(tiny_data), out=str(tmp_path / "c"), resume=True, resume_from=str(state),
                         max_steps=6, progress=False)
-    ema_a = load_file(str((tmp_path / "a" / "model.safetensors")))
+    ema_a = load_file(str(tmp_path / "a" / "model.safetensors"))
     ema_c = load_file(str(same.with_suffix(".safetensors")))
     assert all(torch.equal(ema_c[k], ema_a[k].half().float()) for k in ema_a)
     meta = json.loads((tmp_path / "b" / "train_state.json").read_text())
