@@ -169,7 +169,6 @@ class Evaluation:
             runs = {"wind": self.wm.forecast(self.truth[s], n * 6, self.b.members, self.gen(k))}  # (M, n, C, H, W)
             if self.ar is not None:
                 runs["ar_uvit"] = self.ar.forecast(self.truth[s], n * 6, self.b.members, self.gen(k))
-            ens = runs["wind"]
             truth = self.truth[s + 1: s + 1 + n]
             t21 = None
             if gcm is not None:
