@@ -26,7 +26,8 @@ from typing import Any
 import cftime
 import numpy as np
 from numpy.typing import NDArray
-from wind_bmi.coupling.regrid import LatLonGrid, Regridder, RegridError
+
+from wind_bmi.regrid import LatLonGrid, Regridder, RegridError
 
 SECONDS_PER_UNIT = {"s": 1.0, "sec": 1.0, "second": 1.0, "seconds": 1.0, "min": 60.0, "minute": 60.0,
                     "minutes": 60.0, "h": 3600.0, "hr": 3600.0, "hour": 3600.0, "hours": 3600.0,

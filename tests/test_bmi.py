@@ -255,7 +255,7 @@ HOST_LON = [-157.5 + 45.0 * i for i in range(8)]
 
 
 def test_host_grid_observations_are_assimilated_through_the_weights(bmi_config: Path, tmp_path: Path) -> None:
-    from wind_bmi.coupling.regrid import LatLonGrid, Regridder
+    from wind_bmi.regrid import LatLonGrid, Regridder
 
     assert HOST_T not in make(bmi_config).get_input_var_names()  # only with a host grid
     host = {"lat": HOST_LAT, "lon": HOST_LON, "method": "conservative", "sigma": 0.95}
@@ -298,7 +298,7 @@ def test_host_grid_observations_are_assimilated_through_the_weights(bmi_config: 
 
 
 def test_host_grid_config_errors_name_the_key(bmi_config: Path, tmp_path: Path) -> None:
-    from wind_bmi.coupling.regrid import LatLonGrid, Regridder
+    from wind_bmi.regrid import LatLonGrid, Regridder
 
     other = LatLonGrid([-45.0, 45.0], [0.0, 90.0, 180.0, 270.0])
     wfile = Regridder.build(other, other).to_esmf_weights(tmp_path / "wrong.nc", other, other)

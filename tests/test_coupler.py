@@ -10,9 +10,9 @@ import pytest
 import yaml
 from helpers import write_bmi_config, write_dataset
 from wind_bmi.coupling.coupler import Coupler, CouplerError, Exchange
-from wind_bmi.coupling.regrid import LatLonGrid
 
 from wind_bmi import WindBmi
+from wind_bmi.regrid import LatLonGrid
 
 ROOT = Path(__file__).resolve().parents[1]
 EX = runpy.run_path(str(ROOT / "examples" / "slab_ocean.py"), run_name="not_main")

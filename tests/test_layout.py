@@ -38,7 +38,7 @@ def test_cli_help_for_every_subcommand() -> None:
         assert p.format_help().strip(), name
 
 
-IMPORT_CHECK = ("import wind_bmi, wind_bmi.model.tasks, wind_bmi.coupling.regrid; "
+IMPORT_CHECK = ("import wind_bmi, wind_bmi.model.tasks, wind_bmi.regrid; "
                 "assert 'WindBmi' in vars(wind_bmi), 'WindBmi is not a real attribute'; "
                 "m = wind_bmi.WindBmi(); m.initialize(''); print(m.get_component_name()); m.finalize()")
 
@@ -80,3 +80,28 @@ def test_package_imports_from_a_built_wheel(tmp_path: Path) -> None:
            f"import wind_bmi; assert wind_bmi.__file__.startswith({str(target)!r}), wind_bmi.__file__"
     out = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_the_core_never_imports_the_coupling_layer() -> None:
+    """Layers: ``wind_bmi.model`` <- the core (component, observations, data, evaluation, BMI) <-
+    ``wind_bmi.coupling`` (coupler, DA driver) and the CLI. No core or model module imports coupling,
+    and the model imports nothing of the core, so neither layer can form a cycle with the one above."""
+    import ast
+
+    def imports(path: Path) -> set[str]:
+        names: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+            elif isinstance(node, ast.Import):
+                names.update(a.name for a in node.names)
+        return names
+
+    core = [p for p in (ROOT / "wind_bmi").rglob("*.py") if "cli" not in p.relative_to(ROOT / "wind_bmi").parts]
+    bad = {str(p.relative_to(ROOT)): sorted(n for n in imports(p) if n.startswith("wind_bmi.coupling"))
+           for p in core}
+    assert not {k: v for k, v in bad.items() if v}
+    model_bad = {str(p.relative_to(ROOT)): sorted(n for n in imports(p) if n.startswith("wind_bmi.")
+                                                  and not n.startswith("wind_bmi.model"))
+                 for p in (ROOT / "model").rglob("*.py")}
+    assert not {k: v for k, v in model_bad.items() if v}

@@ -8,7 +8,8 @@ import netCDF4
 import numpy as np
 import pytest
 from helpers import gaussian_like_lats
-from wind_bmi.coupling.regrid import LatLonGrid, Regridder, RegridError, esmpy_available
+
+from wind_bmi.regrid import LatLonGrid, Regridder, RegridError, esmpy_available
 
 GAUSS = LatLonGrid(gaussian_like_lats(48), np.arange(96) * 3.75)  # the SPEEDY grid, 0..360
 # a coarser regular grid, north-first latitudes and -180..180 longitudes

@@ -218,9 +218,9 @@ def test_a_guided_window_has_no_negative_humidity_or_precipitation(wm: WindModel
 def test_warming_through_the_bmi_delivers_its_target_against_the_same_seed_free_run(tmp_path) -> None:  # noqa: ANN001
     import numpy as np
     import yaml
-    from wind_bmi.coupling.regrid import LatLonGrid
 
     from wind_bmi import WindBmi
+    from wind_bmi.regrid import LatLonGrid
 
     cfg = tmp_path / "w.yaml"
     cfg.write_text(yaml.safe_dump({"kind": "bmi", "members": 1, "seed": 3, "sampler": {"steps": 8, "eta": 0.0},

@@ -13,22 +13,21 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import cftime
 import numpy as np
 import torch
 
 from wind_bmi.config import BmiConfig, ComponentError, to_dict
 from wind_bmi.data import shipped_sample_path
-from wind_bmi.data.layouts import LayoutError, open_any
+from wind_bmi.data.initial import InitialConditionError, read_initial_condition
 from wind_bmi.data.output import load_arrays, save_arrays, write_ensemble
-from wind_bmi.data.windows import Channel, stack_channels
+from wind_bmi.data.windows import Channel
 from wind_bmi.model.checkpoint import CheckpointError, load_prior
 from wind_bmi.model.solvers import SOLVERS
 from wind_bmi.model.tasks import Constraint, WindModel
 from wind_bmi.observations import ObservationAssembler, PendingInputs
 
 if TYPE_CHECKING:
-    from wind_bmi.coupling.regrid import LatLonGrid
+    from wind_bmi.regrid import LatLonGrid
 from wind_bmi.variables import STATE_VARIABLES
 
 DEFAULT_OBS_ERROR = {"temperature": 0.5, "u_wind": 1.0, "v_wind": 1.0, "specific_humidity": 2e-4,
@@ -114,43 +113,13 @@ class WindComponent:
     def _load_initial_condition(self) -> None:
         path = self.cfg.initial_condition or str(shipped_sample_path())
         try:
-            ds = open_any(path)
-        except LayoutError as exc:
-            raise ComponentError(f"config key 'initial_condition': {exc}") from exc
-        times = ds["time"].values
-        self.calendar = getattr(times[0], "calendar", "proleptic_gregorian")
-        if self.cfg.start_time:
-            try:
-                start = cftime.datetime.strptime(self.cfg.start_time.replace("T", " "), "%Y-%m-%d %H:%M:%S",
-                                                 calendar=self.calendar) \
-                    if ":" in self.cfg.start_time else \
-                    cftime.datetime.strptime(self.cfg.start_time, "%Y-%m-%d", calendar=self.calendar)
-            except ValueError as exc:
-                raise ComponentError(f"config key 'start_time': expected 'YYYY-MM-DD[ HH:MM:SS]', "
-                                     f"got {self.cfg.start_time!r}") from exc
-            matches = [i for i, t in enumerate(times) if t == start]
-            if not matches:
-                raise ComponentError(f"config key 'start_time': {self.cfg.start_time} is not a time of {path} "
-                                     f"({times[0]} .. {times[-1]})")
-            idx = matches[0]
-        else:
-            idx = self.cfg.context_frames - 1
-        if idx + 1 < self.cfg.context_frames:
-            raise ComponentError(f"config key 'start_time': need {self.cfg.context_frames} frames up to it in {path}")
-        channels = [Channel(v, lv) for v, lv in self.model.channels]
-        try:
-            frames = stack_channels(ds.isel(time=slice(idx + 1 - self.cfg.context_frames, idx + 1)), channels)
-        except KeyError as exc:
-            raise ComponentError(f"config key 'initial_condition': {path} lacks a model channel: {exc}") from exc
-        if frames.shape[-2:] != (self.H, self.W):
-            raise ComponentError(f"config key 'initial_condition': grid {frames.shape[-2:]} of {path} differs from the "
-                                 f"model's {(self.H, self.W)} (regrid it first)")
-        if not np.isfinite(frames).all():
-            raise ComponentError(f"config key 'initial_condition': {path} has NaN/inf in the initial frames")
-        self.start_datetime = times[idx]
-        x = self.model.normalise(torch.from_numpy(frames))  # (k, C, H, W)
+            ic = read_initial_condition(path, [Channel(v, lv) for v, lv in self.model.channels], (self.H, self.W),
+                                        self.cfg.context_frames, self.cfg.start_time)
+        except InitialConditionError as exc:
+            raise ComponentError(f"config key '{exc.key}': {exc}") from exc
+        self.calendar, self.start_datetime, self.sample_path = ic.calendar, ic.time, ic.path
+        x = self.model.normalise(torch.from_numpy(ic.frames))  # (k, C, H, W)
         self.history = x[None].repeat(self.cfg.members, 1, 1, 1, 1).contiguous()
-        self.sample_path = path
 
     # -- views ---------------------------------------------------------------------
     def _refresh(self) -> None:

@@ -20,7 +20,7 @@ from wind_bmi.model.operators import AveragePoolOperator, MaskOperator, Observat
 from wind_bmi.model.tasks import WindModel
 
 if TYPE_CHECKING:  # scipy (via the regridder) registers a warnings filter on import: load it only when used
-    from wind_bmi.coupling.regrid import LatLonGrid, Regridder
+    from wind_bmi.regrid import LatLonGrid, Regridder
 
 
 @dataclasses.dataclass
@@ -60,7 +60,7 @@ class ObservationAssembler:
 
     def _setup_host_grid(self) -> None:
         """Build (or read) ``W``: WIND grid -> host grid, for host-grid observations ``y = W x``."""
-        from wind_bmi.coupling.regrid import LatLonGrid, Regridder, RegridError
+        from wind_bmi.regrid import LatLonGrid, Regridder, RegridError
 
         hg = self.cfg_host
         if hg.resolution_deg:

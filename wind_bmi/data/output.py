@@ -31,7 +31,7 @@ def write_ensemble(path: str | Path, hours: Sequence[float], means: Sequence[np.
     (``p = ptop + sigma (ps - ptop)``, ``ptop`` = 0), latitude, longitude and sigma their cell bounds;
     coordinates have no fill value; time is ``hours since start`` in ``calendar``.
     """
-    from wind_bmi.coupling.regrid import LatLonGrid
+    from wind_bmi.regrid import LatLonGrid
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

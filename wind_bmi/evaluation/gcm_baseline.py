@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from wind_bmi.coupling.regrid import LatLonGrid, Regridder
+from wind_bmi.regrid import LatLonGrid, Regridder
 from wind_bmi.variables import VARIABLES
 
 PROGNOSTIC = ("u_wind", "v_wind", "temperature", "specific_humidity", "surface_pressure")
