@@ -28,11 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 import xarray as xr
-import yaml
 from wind_bmi.model.physics import latitude_weights
 
 from wind_bmi.bmi import VARIABLE_TABLE
-from wind_bmi.config import AssimilationConfig, ConfigError, load_config
+from wind_bmi.config import AssimilationConfig, BmiConfig, ConfigError, from_dict, load_config
 from wind_bmi.data.layouts import open_any
 from wind_bmi.data.windows import Channel, stack_channels
 from wind_bmi.variables import STATE_VARIABLES, VARIABLES, derived_name
@@ -96,14 +95,13 @@ def station_indices(cells: np.ndarray, n_levels: int, level_index: int, plane: i
     return (np.arange(n_levels)[:, None] * plane + cells[None, :]).reshape(-1)
 
 
-def _bmi_config(cfg: AssimilationConfig, members: int, seed: int, truth: str, start: str, out: Path) -> Path:
+def _bmi_config(cfg: AssimilationConfig, members: int, seed: int, truth: str, start: str) -> BmiConfig:
+    """The config of one rank's component, built and validated in memory (nothing written)."""
     d = {"kind": "bmi", "model": cfg.model, "members": members, "seed": seed, "context_frames": 4, "initial_condition": truth,
          "start_time": start, "sampler": {"steps": cfg.steps, "eta": 1.0},
          "guidance": {"method": "mmps", "iterations": cfg.iterations},
          "observation_error": observed_variables(cfg), "run_hours": 6.0 * cfg.cycles}
-    path = out / f".bmi_rank_config_{seed}.yaml"
-    path.write_text(yaml.safe_dump(d))
-    return path
+    return from_dict(BmiConfig, d, "assimilation config (component)")
 
 
 def merge_observations(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], size: int) -> tuple[
@@ -148,8 +146,9 @@ def run_assimilation(cfg: AssimilationConfig, out: str | Path, comm: Any = None)
     if my_members < 1:
         raise AssimilationError(f"{cfg.members} members cannot be spread over {size} ranks")
     da, free = WindBmi(), WindBmi()
-    da.initialize(str(_bmi_config(cfg, my_members, cfg.seed + 1000 * rank, truth_path, start_s, out)))
-    free.initialize(str(_bmi_config(cfg, my_members, cfg.seed + 1000 * rank, truth_path, start_s, out)))
+    component_cfg = _bmi_config(cfg, my_members, cfg.seed + 1000 * rank, truth_path, start_s)
+    da.initialize_config(component_cfg)
+    free.initialize_config(component_cfg)
     grid = da.get_var_grid(STATE_NAME)  # everything about the grid through BMI
     n = da.get_grid_size(grid)
     K, H, W = (int(v) for v in da.get_grid_shape(grid, np.zeros(3, dtype=int)))
@@ -247,9 +246,6 @@ def run_assimilation(cfg: AssimilationConfig, out: str | Path, comm: Any = None)
         out_times.append(valid)
     da.finalize()
     free.finalize()
-    for f in out.glob(".bmi_rank_config_*.yaml"):
-        if rank == 0:
-            f.unlink(missing_ok=True)
     if failed:
         if rank == 0:
             for f in out.glob("*.tmp"):
