@@ -1,26 +1,43 @@
 """Geometry and physics helpers on the lat-lon grid (tensors only).
 
-Latitudes are in degrees, ascending (south to north); the grid may be Gaussian (uneven).
-Cell edges in latitude lie half-way between neighbouring latitudes and at the poles.
+The one owner of the grid geometry (cell edges, areas, latitude weights); the regridder's
+``LatLonGrid`` uses the same edge rule. Latitudes are in degrees; the grid may be Gaussian (uneven).
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
+from numpy.typing import NDArray
 from torch import Tensor
 
 EARTH_RADIUS = 6.371e6  # m
 GRAVITY = 9.80665  # m s-2
 
 
-def latitude_edges(lat_deg: Tensor) -> Tensor:
-    """``(H + 1,)`` cell edges in degrees for ascending ``lat_deg``: midpoints, and -90/90 at the ends."""
-    lat = lat_deg.double()
+def latitude_cell_edges(lat_deg: NDArray[np.float64]) -> NDArray[np.float64]:
+    """``(H + 1,)`` latitude cell edges in degrees, in the order of ``lat_deg`` (ascending or descending).
+
+    The one rule for every grid in the project, global or regional: edges lie half-way between
+    neighbouring centres; an outer edge is the pole when the outer centre lies within half a cell of it
+    (every global grid, Gaussian or regular), otherwise half a cell beyond the outer centre.
+    """
+    lat = np.asarray(lat_deg, dtype=np.float64)
     mid = 0.5 * (lat[1:] + lat[:-1])
-    lo = torch.tensor([-90.0], dtype=lat.dtype) if lat[0] < lat[-1] else torch.tensor([90.0], dtype=lat.dtype)
-    return torch.cat([lo, mid, -lo])
+    ends = []
+    for centre, inner in ((lat[0], mid[0]), (lat[-1], mid[-1])):
+        half = centre - inner
+        edge = centre + half
+        pole = 90.0 * np.sign(half)
+        ends.append(pole if abs(edge) >= 90.0 or abs(pole - edge) < abs(half) else edge)
+    return np.concatenate([[ends[0]], mid, [ends[1]]])
+
+
+def latitude_edges(lat_deg: Tensor) -> Tensor:
+    """:func:`latitude_cell_edges` on a tensor (float64)."""
+    return torch.from_numpy(latitude_cell_edges(lat_deg.detach().double().cpu().numpy()))
 
 
 def latitude_weights(lat_deg: Tensor) -> Tensor:

@@ -99,3 +99,19 @@ def test_esmpy_absence_is_reported_not_hidden() -> None:
         pytest.skip("esmpy present")
     with pytest.raises(ImportError, match="esmpy is not installed"):
         Regridder.from_esmpy(GAUSS, COARSE)
+
+
+def test_the_regridder_and_the_model_share_one_geometry() -> None:
+    """The regridder's cell areas are the model's (dry air mass, area means), on either row order, and
+    a regional grid's outer edges lie half a cell out, not at the poles."""
+    import torch
+
+    from wind_bmi.model.physics import EARTH_RADIUS, cell_areas
+
+    model = cell_areas(torch.from_numpy(GAUSS.lat), GAUSS.lon.size).numpy() / EARTH_RADIUS**2
+    np.testing.assert_allclose(GAUSS.areas(), model, rtol=1e-13)
+    north_first = LatLonGrid(GAUSS.lat[::-1], GAUSS.lon)
+    np.testing.assert_allclose(north_first.areas(), model[::-1], rtol=1e-13)
+    assert abs(GAUSS.areas().sum() - 4 * np.pi) < 1e-12
+    regional = LatLonGrid(np.arange(30.0, 61.0, 2.0), np.arange(-20.0, 21.0, 2.0))
+    assert regional.lat_edges()[[0, -1]].tolist() == [29.0, 61.0]

@@ -24,6 +24,8 @@ import numpy as np
 import scipy.sparse as sp
 from numpy.typing import NDArray
 
+from wind_bmi.model.physics import latitude_cell_edges
+
 
 class RegridError(ValueError):
     """Malformed weight file, shape mismatch or unsupported request."""
@@ -66,17 +68,8 @@ class LatLonGrid:
         return abs(lon[-1] - lon[0] + step - 360.0) < 0.5 * step
 
     def lat_edges(self) -> NDArray[np.float64]:
-        """``(nlat + 1,)`` edges in the grid's own order: midpoints; at the ends half a cell out, or the
-        pole where that is less than half a cell away."""
-        lat = self.lat
-        mid = 0.5 * (lat[1:] + lat[:-1])
-        ends = []
-        for centre, inner in ((lat[0], mid[0]), (lat[-1], mid[-1])):
-            half = centre - inner
-            edge = centre + half
-            pole = 90.0 * np.sign(half)
-            ends.append(pole if abs(edge) >= 90.0 or abs(pole - edge) < abs(half) else edge)
-        return np.concatenate([[ends[0]], mid, [ends[1]]])
+        """``(nlat + 1,)`` edges in the grid's own order (:func:`~wind_bmi.model.physics.latitude_cell_edges`)."""
+        return latitude_cell_edges(self.lat)
 
     def lon_edges(self) -> NDArray[np.float64]:
         """``(nlon + 1,)`` edges, increasing; spanning 360 degrees when the grid is periodic."""
