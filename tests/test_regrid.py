@@ -105,7 +105,6 @@ def test_the_regridder_and_the_model_share_one_geometry() -> None:
     """The regridder's cell areas are the model's (dry air mass, area means), on either row order, and
     a regional grid's outer edges lie half a cell out, not at the poles."""
     import torch
-
     from wind_bmi.model.physics import EARTH_RADIUS, cell_areas
 
     model = cell_areas(torch.from_numpy(GAUSS.lat), GAUSS.lon.size).numpy() / EARTH_RADIUS**2
