@@ -206,29 +206,65 @@ class DryAirMassOperator:
     def __call__(self, x: Tensor) -> Tensor:
         return (self.mass(x) / self.m_ref).to(x.dtype)
 
+    def project(self, x: Tensor, y: Tensor) -> Tensor:
+        """The nearest window (in relative surface pressure) meeting ``y`` exactly: each selected frame's
+        surface pressure scaled by ``y / A(x)``. ``M_dry`` is linear in ``p_s`` given ``q``, so one
+        scaling is exact; humidity and every other channel are kept."""
+        if not self.frames:
+            return x
+        factor = (y.double() / (self.mass(x) / self.m_ref)).to(x.dtype)  # (B, F)
+        c = self.ps_channel
+        fi = torch.tensor(self.frames, device=x.device)
+        ps = x[:, fi, c] * self.std[c].to(x) + self.mean[c].to(x)
+        out = x.clone()
+        out[:, fi, c] = (ps * factor[:, :, None, None] - self.mean[c].to(x)) / self.std[c].to(x)
+        return out
+
 
 class AreaMeanOperator:
     """Area-weighted mean of channels over a region and the selected frames, in physical units.
 
     ``A(x) = sum_{f,c,i,j} r_ij dA_i x_phys[f,c,i,j] / (|F||C| sum_ij r_ij dA_i)`` with region mask ``r``.
     Linear in ``x``; output ``(B, 1)``. Used for warming scenarios (+2 K on temperature means,
-    +14 % on humidity means).
+    +14 % on humidity means). ``positive``: the quantity is non-negative (humidity), so
+    :meth:`project` scales it instead of shifting it.
     """
 
     def __init__(self, channels: Sequence[int], frames: Sequence[int], lat_deg: Tensor, nlon: int, mean: Tensor,
-                 std: Tensor, region: Tensor | None = None) -> None:
+                 std: Tensor, region: Tensor | None = None, positive: bool = False) -> None:
         self.channels, self.frames = list(channels), list(frames)
         a = cell_areas(lat_deg, nlon)
         if region is not None:
             a = a * region.double()
         self.weights = (a / a.sum()).float()
+        self.inside = a > 0
         self.mean, self.std = _mean_field(mean, std).float(), std.float()
+        self.positive = positive
 
     def __call__(self, x: Tensor) -> Tensor:
         c = self.channels
         xs = x[:, self.frames][:, :, c]
         phys = xs * self.std[c, None, None].to(x) + self.mean[c].to(x)
         return (phys * self.weights.to(x)).sum(dim=(-2, -1)).mean(dim=(1, 2))[:, None]
+
+    def project(self, x: Tensor, y: Tensor) -> Tensor:
+        """The nearest window meeting ``y`` exactly: inside the region, the selected channels and frames
+        shifted by ``y - A(x)`` (physical units, uniformly: the least-squares correction in the
+        area-weighted norm), or scaled by ``y / A(x)`` when ``positive`` (keeps the sign of every value).
+        Cells outside the region are kept."""
+        if not self.frames:
+            return x
+        fi = torch.tensor(self.frames, device=x.device)[:, None]
+        ci = torch.tensor(self.channels, device=x.device)[None, :]
+        std = self.std[self.channels, None, None].to(x)
+        mean = self.mean[self.channels].to(x)
+        phys = x[:, fi, ci] * std + mean  # (B, F, C, H, W)
+        now = self(x)[:, :, None, None, None]
+        want = y.to(x)[:, :, None, None, None]
+        moved = phys * (want / now) if self.positive else phys + (want - now)
+        out = x.clone()
+        out[:, fi, ci] = torch.where(self.inside.to(x.device), (moved - mean) / std, x[:, fi, ci])
+        return out
 
 
 class CompositeOperator:

@@ -74,6 +74,10 @@ def test_evaluate_all_quick_records(tmp_path: Path, capsys: pytest.CaptureFixtur
     for task in ("downscale", "temporal", "sparse_1%", "sparse_5%", "warming"):
         resid = [r["value"] for r in recs if r["task"] == task and r["metric"] == "whitened_residual"]
         assert resid and all(math.isfinite(v) and v > 0 for v in resid), task
+    for task in ("sparse_1%", "sparse_5%"):  # channel by channel: they make up the operator's residual
+        (whole,) = [r["value"] for r in recs if r["task"] == task and r["metric"] == "whitened_residual"]
+        by_channel = [r["value"] for r in recs if r["task"] == task and r["metric"] == "whitened_residual_by_channel"]
+        assert len(by_channel) == 34 and math.sqrt(np.mean(np.square(by_channel))) == pytest.approx(whole, rel=1e-3)
     assert abs(value("wind", "increment_vs_control_K_mean", "temperature") - 2.0) < 0.1  # warming as told
     assert 0.0 < value("free_run_warmed_start", "signal_kept_last_frame", "temperature") < 1.0
     assert value("gcm_sst_plus_2k", "p99_change_percent_per_K") == pytest.approx(7.0, rel=1e-3)

@@ -131,3 +131,39 @@ def test_latitude_weights_have_mean_one_and_follow_area() -> None:
     w = latitude_weights(LAT)
     assert float(w.mean()) == pytest.approx(1.0)
     assert w[H // 2] > w[0]
+
+
+def test_constraint_projections_meet_their_targets_exactly_and_change_only_what_they_must() -> None:
+    from wind_bmi.model.operators import Observation
+    from wind_bmi.model.tasks import project_constraints
+
+    g = torch.Generator().manual_seed(1)
+    K = 3  # channels: ps, q at 3 levels, temperature
+    mean = torch.tensor([1e5, 4e-3, 2e-3, 5e-4, 270.0], dtype=torch.float64)
+    std = torch.tensor([800.0, 3e-3, 1.5e-3, 4e-4, 15.0], dtype=torch.float64)
+    x = torch.randn(2, T, 1 + K + 1, H, W, generator=g)
+    x[:, :, 1:4] = x[:, :, 1:4].clamp(min=-1.0)  # q >= 0 in physical units
+    dsig = torch.from_numpy(np.abs(BOUNDS[:, 0] - BOUNDS[:, 1]))
+    frames = [1, 2]
+    region = torch.zeros(H, W, dtype=torch.bool)
+    region[2:5, 3:9] = True
+    warm = AreaMeanOperator([4], frames, LAT, W, mean, std, region)
+    wet = AreaMeanOperator([1, 2, 3], frames, LAT, W, mean, std, positive=True)
+    mass = DryAirMassOperator(0, [1, 2, 3], dsig, LAT, W, mean, std, 1.0, frames)
+    m0 = mass.mass(x)[:, :1].double()
+    mass = DryAirMassOperator(0, [1, 2, 3], dsig, LAT, W, mean, std, float(m0.mean()), frames)
+    obs = [Observation(mass, torch.ones(2, len(frames)), 1e-10),
+           Observation(warm, warm(x) + 2.0, 1e-6), Observation(wet, wet(x) * 1.14, 1e-12)]
+    out = project_constraints(x, obs)
+    assert torch.allclose(warm(out), warm(x) + 2.0, atol=1e-4)
+    assert torch.allclose(wet(out), wet(x) * 1.14, rtol=1e-5)
+    assert torch.allclose(mass(out).double(), torch.ones(2, 2, dtype=torch.float64), atol=1e-6)  # last: exact
+    phys_q = out[:, :, 1:4] * std[1:4, None, None].float() + mean[1:4, None, None].float()
+    assert float(phys_q.min()) >= -1e-9  # humidity scaled, not shifted below zero
+    assert torch.equal(out[:, 0], x[:, 0]) and torch.equal(out[:, 3:], x[:, 3:])  # other frames kept
+    assert torch.equal(out[:, 1:3, 4][:, :, ~region], x[:, 1:3, 4][:, :, ~region])  # outside the region kept
+    # the dry-air-mass constraint last: projected first, the humidity scaling would undo it
+    wrong = x
+    for o in obs:
+        wrong = o.A.project(wrong, o.target(o.A(wrong)))
+    assert float((mass(wrong) - 1).abs().max()) > 1e-4

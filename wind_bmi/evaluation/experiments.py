@@ -274,6 +274,11 @@ class Evaluation:
                 M = self.b.field_members
                 ens = self.wm.reconstruct(obs, M, sigma_y=sig, generator=self.gen(400 + k))
                 self.add_report(f"sparse_{frac:.0%}", self.wm.report)
+                # the operator's residual, channel by channel (every member at its observed cells)
+                white = (ens - truth) / sig.float()[None, None, :, None, None]
+                for c, (var, lv) in enumerate(self.wm.channels):
+                    fit_c = float(white[:, :, c][:, observed[:, c]].pow(2).mean().sqrt())
+                    self.add(f"sparse_{frac:.0%}", var, lv, 0, "wind", "whitened_residual_by_channel", fit_c)
                 prior = torch.cat([truth[:1].expand(M, 1, -1, -1, -1),
                                    self.wm.forecast(truth[0], (T - 1) * 6, M, self.gen(500 + k))], dim=1)
                 results = {
