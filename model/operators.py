@@ -207,8 +207,8 @@ class DryAirMassOperator:
         return (self.mass(x) / self.m_ref).to(x.dtype)
 
     def project(self, x: Tensor, y: Tensor) -> Tensor:
-        """The nearest window (in relative surface pressure) meeting ``y`` exactly: each selected frame's
-        surface pressure scaled by ``y / A(x)``. ``M_dry`` is linear in ``p_s`` given ``q``, so one
+        """The window meeting ``y`` exactly with the smallest relative change of surface pressure: each
+        selected frame's surface pressure scaled by ``y / A(x)``. ``M_dry`` is linear in ``p_s`` given ``q``, so one
         scaling is exact; humidity and every other channel are kept."""
         if not self.frames:
             return x
@@ -248,9 +248,10 @@ class AreaMeanOperator:
         return (phys * self.weights.to(x)).sum(dim=(-2, -1)).mean(dim=(1, 2))[:, None]
 
     def project(self, x: Tensor, y: Tensor) -> Tensor:
-        """The nearest window meeting ``y`` exactly: inside the region, the selected channels and frames
-        shifted by ``y - A(x)`` (physical units, uniformly: the least-squares correction in the
-        area-weighted norm), or scaled by ``y / A(x)`` when ``positive`` (keeps the sign of every value).
+        """A window meeting ``y`` exactly: inside the region, the selected channels and frames shifted by
+        ``y - A(x)`` (physical units, uniformly: the least-squares correction in the area-weighted
+        norm), or, when ``positive``, scaled by ``y / A(x)`` (the smallest relative change; keeps the
+        sign of every value).
         Cells outside the region are kept."""
         if not self.frames:
             return x
