@@ -12,13 +12,13 @@ meets the constraints exactly (``wind_bmi.model.tasks.project_constraints``).
 from __future__ import annotations
 
 import argparse
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import yaml
 
 from wind_bmi import WindBmi
+from wind_bmi.config import BmiConfig, from_dict
 from wind_bmi.regrid import LatLonGrid
 
 T_NAME = "atmosphere_air__temperature"
@@ -36,14 +36,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     p.add_argument("--moistening", type=float, default=14.0, help="%%")
     args = p.parse_args(argv)
 
-    cfg = yaml.safe_load(Path(args.config).read_text()) if args.config else {"kind": "bmi"}
-    cfg = {**cfg, "members": args.members, "constraints": {**cfg.get("constraints", {}), "dry_air_mass": True}}
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "warming.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        free, warm = WindBmi(), WindBmi()
-        free.initialize(str(path))
-        warm.initialize(str(path))
+    source = args.config or "shipped defaults"
+    d = yaml.safe_load(Path(args.config).read_text()) if args.config else {"kind": "bmi"}
+    d = {**d, "members": args.members, "constraints": {**d.get("constraints", {}), "dry_air_mass": True}}
+    cfg = from_dict(BmiConfig, d, source)  # one validated config object for both components
+    free, warm = WindBmi(), WindBmi()
+    free.initialize_config(cfg, source)
+    warm.initialize_config(cfg, source)
     warm.set_value(DT_TARGET, np.array([args.warming]))
     warm.set_value(DQ_TARGET, np.array([args.moistening]))
     grid = warm.get_var_grid(T_NAME)

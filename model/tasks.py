@@ -146,12 +146,13 @@ class WindModel:
                           steps=steps or self.steps, eta=self.eta if eta is None else eta,
                           generator=generator, guided=fn)
         x = self.denoiser.bound(x)  # the last step's small noise must not undo the physical bounds
-        guided_report = self.guidance_report(x, observations)
-        x = project_constraints(x, observations)
-        self.report = self.guidance_report(x, observations, getattr(fn, "residuals", None))
-        for r, g in zip(self.report, guided_report, strict=True):
+        projected = project_constraints(x, observations)
+        self.report = self.guidance_report(projected, observations, getattr(fn, "residuals", None))
+        # what MMPS alone delivered (the same numbers when no operator projects)
+        before = self.guidance_report(x, observations) if projected is not x else self.report
+        for r, g in zip(self.report, before, strict=True):
             r["whitened_residual_before_projection"] = g["whitened_residual"]
-        return x
+        return projected
 
     def guidance_report(self, x: Tensor, observations: Sequence[Observation],
                         solver_residuals: Tensor | None = None) -> list[dict[str, Any]]:
