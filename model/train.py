@@ -37,7 +37,20 @@ BatchFn = Callable[[Sequence[int]], Tensor]  # window indices -> (B, T, C, H, W)
 
 @dataclasses.dataclass(frozen=True)
 class TrainSettings:
-    """Optimiser and diffusion-forcing settings (mirrors ``wind_bmi.config.TrainConfig``)."""
+    """Optimiser and diffusion-forcing settings of a training run (the ``train`` preset's own keys).
+
+    Attributes:
+        batch_size, lr, weight_decay, warmup_steps, steps, grad_clip, ema_decay: optimiser.
+        w_max: clip of the loss weight ``min(1 + SNR, w_max)``.
+        clean_prefix_prob: fraction of samples given a clean prefix of 1-4 frames.
+        shared_level_prob: fraction of samples whose noisy frames share one level (as when the
+            sampler generates frames together, e.g. a forecast after a clean prefix); 0 = every
+            frame's level independent.
+        checkpoint_minutes: wall time between checkpoints.
+        bf16: bf16 autocast (AMX on CPU), fp32 master weights.
+        val_windows: validation windows evaluated per noise band.
+        seed: base seed of data order, noise and initialisation.
+    """
 
     batch_size: int = 8
     lr: float = 3e-4

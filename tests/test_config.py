@@ -43,6 +43,7 @@ BAD = [
     ("kind: bmi\nsampler: {steps: 10, eta: 1, order: 2}\n", "order"),
     ("kind: generate\nsst_offset: [2]\n", "sst_offset"),
     ("kind: train\nlr: [unclosed\n", "not valid YAML"),
+    ("kind: train\nclean_prefix_prob: 1.5\n", "clean_prefix_prob"),
 ]
 
 

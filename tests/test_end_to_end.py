@@ -138,6 +138,14 @@ def test_examples_run(script: str, over: dict[str, object], fast_config: Path, t
         assert result["pool_back_rmse_K"] < 2 * 0.5  # within 2 sigma_y (temperature observation error 0.5 K)
 
 
+def _independent_area_weights(lat: np.ndarray) -> np.ndarray:
+    """Area weights ``|d sin lat|`` with edges midway and the poles at the ends, mean 1, written
+    here independently of the package's geometry."""
+    edges = np.concatenate([[-90.0], 0.5 * (lat[1:] + lat[:-1]), [90.0]])
+    w = np.abs(np.diff(np.sin(np.deg2rad(edges))))
+    return w / w.mean()
+
+
 def test_forecast_skill_example_scores_against_an_independent_persistence() -> None:
     from wind_bmi.data.layouts import open_any
 
@@ -145,10 +153,7 @@ def test_forecast_skill_example_scores_against_an_independent_persistence() -> N
     out = run(["--starts", "3", "4", "--members", "2", "--steps", "2"])
     ds = open_any(shipped_sample_path())
     t = ds["temperature"].transpose("time", "level", "lat", "lon").values.astype(np.float64)
-    lat = ds["lat"].values  # area weights |d sin lat| with edges midway and the poles at the ends, mean 1
-    edges = np.concatenate([[-90.0], 0.5 * (lat[1:] + lat[:-1]), [90.0]])
-    w = np.abs(np.diff(np.sin(np.deg2rad(edges))))
-    w = w / w.mean()
+    w = _independent_area_weights(ds["lat"].values)
     d = np.stack([t[4] - t[3], t[5] - t[4]])
     assert out["persistence_6h"] == pytest.approx(float(np.sqrt((d**2 * w[:, None]).mean())), rel=1e-5)
     assert 0 < out["forecast_6h"] < 20 and set(out["bands"]) == {"-90..-60", "-60..-30", "-30..30", "30..60", "60..90"}
@@ -194,10 +199,7 @@ def test_forecast_skill_denoise_levels_scores_the_noise_it_added() -> None:
         expected = s / a * float(np.sqrt(np.mean(std**2)))
         assert out["levels"][key]["noisy_input"] == pytest.approx(expected, rel=0.03)
     t = ds["temperature"].transpose("time", "level", "lat", "lon").values.astype(np.float64)
-    lat = ds["lat"].values  # area weights |d sin lat| with edges midway and the poles at the ends, mean 1
-    edges = np.concatenate([[-90.0], 0.5 * (lat[1:] + lat[:-1]), [90.0]])
-    w = np.abs(np.diff(np.sin(np.deg2rad(edges))))
-    w = w / w.mean()
+    w = _independent_area_weights(ds["lat"].values)
     d = np.stack([t[4] - t[3], t[5] - t[4]])
     assert out["levels"]["1"]["persistence"] == pytest.approx(float(np.sqrt((d**2 * w[:, None]).mean())), rel=1e-5)
     assert out["levels"]["0.02"]["network"] < 0.5 * out["levels"]["1"]["network"]

@@ -17,6 +17,8 @@ from typing import Any, TypeVar, Union
 
 import yaml
 
+from wind_bmi.model.train import TrainSettings
+
 T = TypeVar("T")
 
 
@@ -95,23 +97,14 @@ class ScheduleConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Diffusion-forcing training run.
+class TrainConfig(TrainSettings):
+    """Diffusion-forcing training run: the optimiser settings of ``TrainSettings`` and the run's data,
+    network and schedule.
 
     Attributes:
         data: folder of generated netCDF files (split by year below).
         train_years / val_years / test_years: calendar years of each split.
         variables: data variables used as channels (3-D ones expand over levels).
-        batch_size, lr, weight_decay, warmup_steps, steps, grad_clip, ema_decay: optimiser.
-        w_max: clip of the loss weight ``min(1 + SNR, w_max)``.
-        clean_prefix_prob: fraction of samples given a clean prefix of 1-4 frames.
-        shared_level_prob: fraction of samples whose noisy frames share one level (as when the
-            sampler generates frames together, e.g. a forecast after a clean prefix); 0 = every
-            frame's level independent.
-        checkpoint_minutes: wall time between checkpoints.
-        bf16: bf16 autocast (AMX on CPU), fp32 master weights.
-        val_windows: validation windows evaluated per noise band.
-        seed: base seed of data order, noise and initialisation.
         band_limit_eps: fit the data's zonal band limit (per channel and row, the zonal wavenumbers whose
             mean variance exceeds this, normalised units; see ``wind_bmi.model.bandlimit``) on the
             training years, store it in the card and train the projected estimate; None = no band
@@ -132,20 +125,6 @@ class TrainConfig:
     variables: tuple[str, ...] = (
         "u_wind", "v_wind", "temperature", "specific_humidity", "surface_pressure", "precipitation"
     )
-    batch_size: int = 8
-    lr: float = 3e-4
-    weight_decay: float = 0.01
-    warmup_steps: int = 200
-    steps: int = 6000
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
-    w_max: float = 5.0
-    clean_prefix_prob: float = 0.5
-    shared_level_prob: float = 0.0
-    checkpoint_minutes: float = 5.0
-    bf16: bool = True
-    val_windows: int = 64
-    seed: int = 0
     band_limit_eps: float | None = None
     normalisation: str = "channel"
     init_from: str | None = None
@@ -329,7 +308,10 @@ def _build(cls: type[T], mapping: dict[str, Any], where: str) -> T:
             f"{where}: unknown key(s) {', '.join(repr(u) for u in unknown)}; expected one of {sorted(fields)}"
         )
     kwargs = {k: _convert(v, hints[k], f"{where}.{k}" if where else k) for k, v in mapping.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # a dataclass's own range checks (``__post_init__``)
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def from_dict(cls: type[T], mapping: dict[str, Any], source: str = "<dict>") -> T:
