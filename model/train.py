@@ -363,6 +363,7 @@ class Trainer:
         log_every = log_every or max(1, min(50, s.steps // 10))
         t_start = time.perf_counter()
         self._fit_start = t_start
+        first_step, wall_before = self.step, self.wall
         last_ckpt = t_start
         bar = tqdm(total=stop, initial=self.step, disable=not progress or self.rank != 0, desc="train", unit="step")
         running, n_run, t_log = 0.0, 0, time.perf_counter()
@@ -390,6 +391,10 @@ class Trainer:
         val = validation_losses(self.ema, self.val_batch, self.n_val, self.schedule, self.latw, s.val_windows, s.bf16,
                                 band_limit=self.band_limit)
         self.history.append({"step": self.step, "val": val, "wall_seconds": self.wall})
+        if self.step > first_step:  # one record per call: a campaign's pieces and the hardware of each
+            self.history.append({"step": self.step, "event": "piece", "from_step": first_step,
+                                 "wall_seconds": round(self.wall - wall_before, 1), "processes": self.world,
+                                 "device": str(self.device), "hardware": hardware_description()})
         self.elapsed += time.perf_counter() - t_start
         self._fit_start = None
         self.save_state()

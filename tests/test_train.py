@@ -115,7 +115,13 @@ def test_compact_state_carries_a_run_to_a_new_folder(tiny_data: Path, tiny_confi
     assert all(torch.equal(ema_c[k], ema_a[k].half().float()) for k in ema_a)
     meta = json.loads((tmp_path / "b" / "train_state.json").read_text())
     assert meta["step"] == 12 and meta["rewarm_from"] == 6
-    assert json.loads(card.read_text())["training"]["steps"] == 12
+    training = json.loads(card.read_text())["training"]
+    assert training["steps"] == 12
+    # the card lists each piece of the campaign (steps, wall time, hardware), carried by the compact state
+    pieces = training["pieces"]
+    assert [(p["from_step"], p["step"]) for p in pieces] == [(0, 6), (6, 12)]
+    assert sum(p["wall_seconds"] for p in pieces) == pytest.approx(training["wall_seconds"], abs=0.2)
+    assert all(p["hardware"]["cpu_count"] == os.cpu_count() and p["device"] == "cpu" for p in pieces)
     lrs = {h["step"]: h["lr"] for h in meta["history"] if "lr" in h}
     from wind_bmi.model.train import TrainSettings, lr_at
 

@@ -109,7 +109,8 @@ def make_card(cfg: TrainConfig, splits: Splits, net: UViT, trainer: Trainer, val
         "steps": trainer.step, "wall_seconds": round(trainer.wall, 1), "elapsed_seconds": round(trainer.elapsed, 1),
         "settings": to_dict(trainer.s), "hardware": hardware_description(),
         "windows_train": len(splits.train), "windows_val": len(splits.val),
-        "history_tail": trainer.history[-5:]}
+        "pieces": [h for h in trainer.history if h.get("event") == "piece"],
+        "history_tail": [h for h in trainer.history if h.get("event") != "piece"][-5:]}
     if init is not None:  # fine-tuned: the totals count the prior it started from
         training["init_from"] = init
         training["total_steps"] = int(init["steps"] or 0) + trainer.step
