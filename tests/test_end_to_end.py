@@ -220,3 +220,4 @@ def test_evaluate_forecast_scores_an_autoregressive_baseline_side_by_side(tmp_pa
     assert set(ar) == set(by) and {"rmse", "crps", "ssr", "overshoot_percent"} <= {k[3] for k in ar}
     assert all(ar[k] == pytest.approx(by[k], rel=1e-6) or (math.isnan(ar[k]) and math.isnan(by[k])) for k in ar)
     assert {k[0] for k in ar if k[3] == "overshoot_percent"} == {"specific_humidity", "precipitation"}
+    assert all(math.isfinite(by[k]) for k in by if k[3] == "overshoot_percent")  # a dry level divides nothing

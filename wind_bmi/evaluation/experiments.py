@@ -192,17 +192,19 @@ class Evaluation:
                         scored[("gcm_t21", "rmse")] = scores.rmse(field, y, self.lat)
                     for (method, metric), v in scored.items():
                         per_lead.setdefault((f"{var}|{lv}|{(j + 1) * 6}|{method}|{metric}", 0), []).append(float(v))
-            # moisture overshoot: the area mean of the ensemble mean against the truth's, in percent
+            # moisture overshoot: the area mean of the ensemble mean against the truth's, in percent, of the
+            # variable summed over its levels (a level-by-level ratio divides by zero where a level holds no
+            # moisture, as the top level does after the spin-up)
             for var in ("specific_humidity", "precipitation"):
                 if not any(v == var for v, _ in self.wm.channels):
                     continue
                 ch = self.wm.channels_of(var)
                 for method, run in runs.items():
                     for j in range(n):
-                        b = scores.relative_bias_percent(run[:, j, ch].mean(dim=0).numpy(), truth[j, ch].numpy(),
-                                                         self.lat)
+                        b = scores.relative_bias_percent(run[:, j, ch].mean(dim=0).sum(dim=0).numpy(),
+                                                         truth[j, ch].sum(dim=0).numpy(), self.lat)
                         per_lead.setdefault((f"{var}|None|{(j + 1) * 6}|{method}|overshoot_percent", 0),
-                                            []).append(float(np.mean(b)))
+                                            []).append(float(b))
         for (key, _), lead_vals in per_lead.items():
             name, level, lead, method, metric = key.split("|")
             self.add("forecast", name, None if level == "None" else float(level), float(lead), method, metric,
