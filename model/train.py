@@ -410,8 +410,21 @@ def _copy_module(net: nn.Module) -> nn.Module:
     return ema
 
 
+def cpu_model_name() -> str | None:
+    """The CPU's model name from ``/proc/cpuinfo`` (Linux); ``None`` where that is not readable."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        return None
+    return None
+
+
 def hardware_description() -> dict[str, Any]:
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_model": cpu_model_name(),
             "cpu_count": os.cpu_count(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}

@@ -122,6 +122,10 @@ def test_compact_state_carries_a_run_to_a_new_folder(tiny_data: Path, tiny_confi
     assert [(p["from_step"], p["step"]) for p in pieces] == [(0, 6), (6, 12)]
     assert sum(p["wall_seconds"] for p in pieces) == pytest.approx(training["wall_seconds"], abs=0.2)
     assert all(p["hardware"]["cpu_count"] == os.cpu_count() and p["device"] == "cpu" for p in pieces)
+    from wind_bmi.model.train import cpu_model_name
+    assert all(p["hardware"]["cpu_model"] == cpu_model_name() for p in pieces)
+    if Path("/proc/cpuinfo").exists():
+        assert cpu_model_name()  # the CPU's name, so a piece's throughput can be read against its machine
     lrs = {h["step"]: h["lr"] for h in meta["history"] if "lr" in h}
     from wind_bmi.model.train import TrainSettings, lr_at
 
