@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,8 @@ def observed_variables(cfg: AssimilationConfig) -> dict[str, float]:
     Raises ConfigError naming the key when an extra is not a state variable or its error is not positive.
     """
 
+    if not cfg.inflation >= 1.0:
+        raise ConfigError(f"inflation: expected a factor >= 1 (1 = none), got {cfg.inflation}")
     out = {"temperature": cfg.obs_error}
     for var, err in cfg.extra_observations.items():
         if var not in STATE_VARIABLES or var == "temperature":
@@ -97,10 +100,11 @@ def station_indices(cells: np.ndarray, n_levels: int, level_index: int, plane: i
 
 def _bmi_config(cfg: AssimilationConfig, members: int, seed: int, truth: str, start: str) -> BmiConfig:
     """The config of one rank's component, built and validated in memory (nothing written)."""
+    told = {v: e / math.sqrt(cfg.inflation) for v, e in observed_variables(cfg).items()}  # inflation (see the config)
     d = {"kind": "bmi", "model": cfg.model, "members": members, "seed": seed, "context_frames": 4, "initial_condition": truth,
          "start_time": start, "sampler": {"steps": cfg.steps, "eta": 1.0},
          "guidance": {"method": "mmps", "iterations": cfg.iterations},
-         "observation_error": observed_variables(cfg), "run_hours": 6.0 * cfg.cycles}
+         "observation_error": told, "run_hours": 6.0 * cfg.cycles}
     return from_dict(BmiConfig, d, "assimilation config (component)")
 
 
@@ -255,6 +259,7 @@ def run_assimilation(cfg: AssimilationConfig, out: str | Path, comm: Any = None)
         "rmse_analysis", "rmse_free", "spread_analysis", "rmse_analysis_observed", "rmse_analysis_unobserved"))
     summary = {"model": card.get("name"), "model_sha256": card["weights"]["sha256"],
                "cycles": cfg.cycles, "ranks": size, "members": cfg.members, "obs_error_K": cfg.obs_error,
+               "inflation": cfg.inflation,
                "observed_variables": observed,
                "rmse_analysis_K": float(ra), "rmse_free_K": float(rf), "spread_analysis_K": float(sp),
                "rmse_analysis_observed_K": float(ro), "rmse_analysis_unobserved_K": float(ru),

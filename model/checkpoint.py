@@ -105,6 +105,13 @@ def _atomic_write_text(path: Path, text: str) -> None:
 EXTRA_PREFIX = "normalisation."
 
 
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
+    """``safetensors`` file at ``path`` (a temporary name the caller renames), readable by all like any
+    other written file: safetensors itself creates it owner-only (0600)."""
+    save_file(tensors, str(path))
+    os.chmod(path, 0o644)
+
+
 def save_prior(net: torch.nn.Module, card: dict[str, Any], card_path: str | Path,
                tensors: dict[str, Any] | None = None) -> Path:
     """Write ``<name>.safetensors`` and the card ``<name>.json`` atomically; returns the card path.
@@ -121,7 +128,7 @@ def save_prior(net: torch.nn.Module, card: dict[str, Any], card_path: str | Path
             raise ValueError(f"extra tensor {k!r}: names must start with {EXTRA_PREFIX!r}")
         state[k] = torch.as_tensor(v).detach().to("cpu", torch.float32).contiguous()
     tmp = weights_path.with_name(weights_path.name + ".tmp")
-    save_file(state, str(tmp))
+    save_tensors(state, tmp)
     os.replace(tmp, weights_path)
     card = dict(card)
     card["card_version"] = CARD_VERSION

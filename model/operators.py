@@ -225,14 +225,16 @@ class AreaMeanOperator:
     """Area-weighted mean of channels over a region and the selected frames, in physical units.
 
     ``A(x) = sum_{f,c,i,j} r_ij dA_i x_phys[f,c,i,j] / (|F||C| sum_ij r_ij dA_i)`` with region mask ``r``.
-    Linear in ``x``; output ``(B, 1)``. Used for warming scenarios (+2 K on temperature means,
-    +14 % on humidity means). ``positive``: the quantity is non-negative (humidity), so
+    Linear in ``x``; output ``(B, 1)``, or ``(B, |F|)`` with ``per_frame`` (one mean per selected frame,
+    the sum over ``f`` dropped). Used for warming scenarios (+2 K on temperature means, +14 % on
+    humidity means, per frame). ``positive``: the quantity is non-negative (humidity), so
     :meth:`project` scales it instead of shifting it.
     """
 
     def __init__(self, channels: Sequence[int], frames: Sequence[int], lat_deg: Tensor, nlon: int, mean: Tensor,
-                 std: Tensor, region: Tensor | None = None, positive: bool = False) -> None:
+                 std: Tensor, region: Tensor | None = None, positive: bool = False, per_frame: bool = False) -> None:
         self.channels, self.frames = list(channels), list(frames)
+        self.per_frame = per_frame
         a = cell_areas(lat_deg, nlon)
         if region is not None:
             a = a * region.double()
@@ -245,13 +247,14 @@ class AreaMeanOperator:
         c = self.channels
         xs = x[:, self.frames][:, :, c]
         phys = xs * self.std[c, None, None].to(x) + self.mean[c].to(x)
-        return (phys * self.weights.to(x)).sum(dim=(-2, -1)).mean(dim=(1, 2))[:, None]
+        means = (phys * self.weights.to(x)).sum(dim=(-2, -1)).mean(dim=2)  # (B, F)
+        return means if self.per_frame else means.mean(dim=1, keepdim=True)
 
     def project(self, x: Tensor, y: Tensor) -> Tensor:
         """A window meeting ``y`` exactly: inside the region, the selected channels and frames shifted by
-        ``y - A(x)`` (physical units, uniformly: the least-squares correction in the area-weighted
-        norm), or, when ``positive``, scaled by ``y / A(x)`` (the smallest relative change; keeps the
-        sign of every value).
+        ``y - A(x)`` (physical units, uniformly, frame by frame with ``per_frame``: the least-squares
+        correction in the area-weighted norm), or, when ``positive``, scaled by ``y / A(x)`` (the
+        smallest relative change; keeps the sign of every value).
         Cells outside the region are kept."""
         if not self.frames:
             return x

@@ -26,9 +26,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from wind_bmi.model.bandlimit import ZonalBandLimit
+from wind_bmi.model.checkpoint import save_tensors
 from wind_bmi.model.denoiser import network_estimate
 from wind_bmi.model.schedule import CosineVPSchedule
 
@@ -261,7 +262,7 @@ class Trainer:
         opt_t, opt_s = _flatten_optimizer(self.opt)
         tensors.update({k: v.cpu() for k, v in opt_t.items()})
         tmp = self.out / "train_state.safetensors.tmp"
-        save_file(tensors, str(tmp))
+        save_tensors(tensors, tmp)
         running = 0.0 if self._fit_start is None else time.perf_counter() - self._fit_start
         meta = {"step": self.step, "wall_seconds": self.wall, "elapsed_seconds": self.elapsed + running,
                 "optimizer": opt_s, "rewarm_from": self.rewarm_from,
@@ -302,7 +303,7 @@ class Trainer:
         tensors = {f"ema.{k}": v.detach().to("cpu", torch.float16).contiguous() for k, v in self.ema.state_dict().items()}
         weights, meta_path = path.with_suffix(".safetensors"), path.with_suffix(".json")
         tmp = weights.with_name(weights.name + ".tmp")
-        save_file(tensors, str(tmp))
+        save_tensors(tensors, tmp)
         meta = {"step": self.step, "wall_seconds": self.wall, "elapsed_seconds": self.elapsed,
                 "settings": dataclasses.asdict(self.s), "history": self.history, "dtype": "float16",
                 "stored": "EMA weights; the raw weights restart from them, the optimiser moments from zero"}

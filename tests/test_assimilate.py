@@ -95,6 +95,23 @@ def test_extra_observations_are_checked_by_name(tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()
 
 
+def test_inflation_tells_the_component_smaller_errors_and_is_checked(tmp_path: Path) -> None:
+    """Covariance inflation by 4 is the MMPS update with the errors halved: the component is told 0.25 K
+    for 0.5 K stations (the draws keep 0.5 K); a factor below 1 is refused before anything is written."""
+    from wind_bmi.coupling.assimilate import _bmi_config, run_assimilation
+
+    from wind_bmi.config import AssimilationConfig, ConfigError
+
+    cfg = AssimilationConfig(obs_error=0.5, extra_observations={"u_wind": 1.0}, inflation=4.0)
+    told = _bmi_config(cfg, 2, 0, "truth.nc", "1995-01-01 18:00:00").observation_error
+    assert told == {"temperature": 0.25, "u_wind": 0.5}
+    assert _bmi_config(AssimilationConfig(obs_error=0.5), 2, 0, "t", "1995-01-01 18:00:00").observation_error == {
+        "temperature": 0.5}
+    with pytest.raises(ConfigError, match="inflation: expected a factor >= 1"):
+        run_assimilation(AssimilationConfig(inflation=0.5), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.skipif(not shipped_card_path().exists(), reason="no shipped model")
 @pytest.mark.mpi
 def test_two_rank_cycle_assimilates_radiosonde_winds(tmp_path: Path) -> None:

@@ -48,3 +48,13 @@ def test_write_card_writes_through_a_link_and_keeps_it(tmp_path: Path) -> None:
     write_card({"name": "b"}, link)
     assert link.is_symlink() and json.loads(real.read_text()) == {"name": "b"}
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_written_weights_and_states_are_readable_by_others(tiny_model: Path) -> None:
+    """safetensors creates its files owner-only (0600); a shipped or shared prior must be readable
+    like any other file the tools write (0644), its training state too."""
+    import stat
+
+    for f in (tiny_model.with_suffix(".safetensors"), tiny_model.parent / "train_state.safetensors"):
+        mode = stat.S_IMODE(f.stat().st_mode)
+        assert mode & stat.S_IROTH and mode & stat.S_IRGRP, (f.name, oct(mode))

@@ -35,6 +35,7 @@ def linear_ops() -> dict[str, object]:
         "points": PointOperator(torch.tensor([89.0, -89.5, 10.0, 0.0]), torch.tensor([359.0, 180.0, -170.0, 5.0]),
                                 LAT, LON, 2, 0),
         "area_mean": AreaMeanOperator([0, 1], [1, 2], LAT, W, torch.zeros(C), torch.ones(C)),
+        "area_mean_per_frame": AreaMeanOperator([0, 1], [1, 2], LAT, W, torch.zeros(C), torch.ones(C), per_frame=True),
     }
 
 
@@ -167,3 +168,26 @@ def test_constraint_projections_meet_their_targets_exactly_and_change_only_what_
     for o in obs:
         wrong = o.A.project(wrong, o.target(o.A(wrong)))
     assert float((mass(wrong) - 1).abs().max()) > 1e-4
+
+
+def test_per_frame_area_means_are_met_in_every_frame_and_a_window_mean_is_not() -> None:
+    """A warming target holds at every output time only when it is one entry per frame: a guided window
+    warmed unevenly (+1.8 K in one frame, +2.2 K in the next) projected onto the window's mean keeps
+    that unevenness; projected per frame, every frame is +2 K on the control."""
+    g = torch.Generator().manual_seed(2)
+    mean, std = torch.full((C,), 270.0), torch.full((C,), 10.0)
+    control = torch.randn(2, T, C, H, W, generator=g)
+    guided = control.clone()
+    guided[:, 1, :2] += 0.18  # +1.8 K (std 10 K)
+    guided[:, 2, :2] += 0.22  # +2.2 K
+    frames = [1, 2]
+    per = AreaMeanOperator([0, 1], frames, LAT, W, mean, std, per_frame=True)
+    win = AreaMeanOperator([0, 1], frames, LAT, W, mean, std)
+    assert per(control).shape == (2, 2) and win(control).shape == (2, 1)
+    assert torch.allclose(per(control).mean(dim=1, keepdim=True), win(control), atol=1e-4)
+    out = per.project(guided, per(control) + 2.0)
+    assert torch.allclose(per(out), per(control) + 2.0, atol=1e-4)
+    assert torch.equal(out[:, 0], guided[:, 0])
+    by_window = win.project(guided, win(control) + 2.0)
+    assert torch.allclose(win(by_window), win(control) + 2.0, atol=1e-4)
+    assert float((per(by_window) - per(control) - 2.0).abs().max()) > 0.15  # the frames still miss by 0.2 K

@@ -48,6 +48,11 @@ def test_prior_report_rolls_out_several_members(tiny_model: Path, tiny_data: Pat
     assert r["max_abs_diff_to_truth_K"] == max(r["member_max_abs_diff_to_truth_K"])
     assert r["ensemble_mean_max_abs_diff_to_truth_K"] <= r["max_abs_diff_to_truth_K"] + 1e-9
     assert (tmp_path / "rep" / "prior_rollout.png").stat().st_size > 0
+    for key, sp in [*rep["spectra"].items(), *r["spectra_last_10_days"].items()]:
+        worst = sp["max_abs_log10_ratio_k1_30"]  # the largest per-wavenumber misfit bounds every band mean
+        assert worst is not None and np.isfinite(worst), key
+        assert all(abs(sp[b]) <= worst + 1e-12 for b in ("log10_ratio_k1_10", "log10_ratio_k11_30")
+                   if sp.get(b) is not None), (key, sp)
     assert json.loads(card.read_text())["test_report"]["rollout"]["members"] == 3
     rows = rep["denoise_rmse_by_row_t0.3"]["rows"]
     assert len(rows) == 8 and all(np.isfinite(rows))

@@ -241,6 +241,9 @@ class AssimilationConfig:
     seed: int = 0
     moving: bool = False  # stations move every cycle
     level_index: int = -1  # -1: all levels observed at the station cells
+    # multiplicative inflation of the prior's covariance in the guidance (1 = none): the component is told
+    # the observation errors divided by sqrt(inflation), the same MMPS update as the covariance times it
+    inflation: float = 1.0
     kind: str = "assimilate"
 
 

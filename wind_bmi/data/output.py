@@ -96,6 +96,7 @@ def save_arrays(path: str | Path, arrays: dict[str, np.ndarray], meta: dict[str,
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     np_save_file(arrays, str(tmp), metadata=meta)
+    os.chmod(tmp, 0o644)  # safetensors creates its files owner-only
     os.replace(tmp, path)
 
 

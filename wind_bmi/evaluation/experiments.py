@@ -322,7 +322,7 @@ class Evaluation:
         """A storm case (the frame with the heaviest 99th-percentile precipitation) warmed by +2 K / +14 % q.
 
         Three runs with the same random draws: the control (free), the guided warming run (targets
-        relative to the control, window by window: :meth:`WindModel.warming`), and the free-run ablation
+        relative to the control, frame by frame: :meth:`WindModel.warming`), and the free-run ablation
         (the same initial state warmed by +2 K and x 1.14 q, then run unguided: how much of the signal
         the prior keeps by itself)."""
         pc = self.wm.channel_index("precipitation")
@@ -332,7 +332,7 @@ class Evaluation:
         s = int(torch.quantile(candidates.float(), 0.99, dim=1).argmax())
         init = self.truth[s]
         self.notes.append(f"warming storm case: frame {s} ({self.start_datetime(s)}); targets +2 K and +14 % q "
-                          f"against the same-seed control, window by window")
+                          f"against the same-seed control, frame by frame")
         warm, control = self.wm.warming(init, self.b.warming_days, self.b.members, delta_t=2.0, humidity_percent=14.0,
                                         generator=self.gen(700))
         self.add_report("warming", self.wm.report)

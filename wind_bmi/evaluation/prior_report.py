@@ -43,6 +43,14 @@ def _log_ratio(sample: np.ndarray, data: np.ndarray) -> float | None:
     return float(np.mean(np.log10(sample / data))) if sample.size else None
 
 
+def _max_abs_log_ratio(sample: np.ndarray, data: np.ndarray) -> float | None:
+    """The largest ``|log10(sample / data)|`` over the wavenumbers the data hold (a factor 1.5 is 0.176)."""
+    keep = data > 0
+    if not keep.any():
+        return None
+    return float(np.abs(np.log10(np.maximum(sample[keep], 1e-300) / data[keep])).max())
+
+
 def denoising_error_by_row(denoise: Any, schedule: Any, windows: torch.Tensor, t: float,
                            generator: torch.Generator) -> np.ndarray:
     """RMSE per latitude row ``(H,)`` of ``denoise(z, t)`` against clean ``windows`` ``(B, T, C, H, W)``
@@ -138,7 +146,8 @@ def run_prior_report(data: str | Path, out: str | Path, card: str | Path | None 
         ax.set_ylabel("power")
         ax.legend()
         spectra[f"{v}@{lv}"] = {"log10_ratio_k1_10": _log_ratio(ss[1:11], sd[1:11]),
-                                "log10_ratio_k11_30": _log_ratio(ss[11:31], sd[11:31])}
+                                "log10_ratio_k11_30": _log_ratio(ss[11:31], sd[11:31]),
+                                "max_abs_log10_ratio_k1_30": _max_abs_log_ratio(ss[1:31], sd[1:31])}
     fig.savefig(out / "prior_spectra.png", dpi=90)
     plt.close(fig)
     report["spectra"] = spectra
@@ -159,6 +168,16 @@ def run_prior_report(data: str | Path, out: str | Path, card: str | Path | None 
                          "member_max_abs_diff_to_truth_K": [float(v) for v in diff.max(axis=1)],
                          "ensemble_mean_max_abs_diff_to_truth_K": float(np.abs(gm[:, :n].mean(0) - truth_gm).max()),
                          "truth_range_K": float(truth_gm.max() - truth_gm.min()) if n else 0.0}
+    # spectra of the rollout's last 10 days against the data's: does a long run keep the data's scales?
+    last = roll[:, -min(roll.shape[1], 40):]
+    report["rollout"]["spectra_last_10_days"] = {}
+    for v, lv in (("temperature", 0.51), ("u_wind", 0.2)):
+        c = wm.channel_index(v, lv)
+        sd = zonal_power_spectrum(phys[:, c], lat).mean(axis=0)[1:]
+        sr = zonal_power_spectrum(last[:, :, c].reshape(-1, wm.H, wm.W), lat).mean(axis=0)[1:]
+        report["rollout"]["spectra_last_10_days"][f"{v}@{lv}"] = {
+            "max_abs_log10_ratio_k1_30": _max_abs_log_ratio(sr[:30], sd[:30]),
+            "log10_ratio_k11_30": _log_ratio(sr[10:30], sd[10:30])}
     fig, ax = plt.subplots(figsize=(6, 3.4), constrained_layout=True)
     days = np.arange(1, gm.shape[1] + 1) / 4
     for m in range(rollout_members):
