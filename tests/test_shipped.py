@@ -77,11 +77,10 @@ def test_prior_denoises_and_uses_its_context(wm: WindModel, sample: torch.Tensor
 
 def test_24h_ensemble_forecast_beats_climatology_by_far(wm: WindModel, sample: torch.Tensor) -> None:
     """A 24-h 4-member ensemble mean from four starts of the sample (one clean context frame, as
-    ``update()`` runs) has at most 0.6 of climatology's RMSE (climatology is 0 in normalised units).
+    ``update()`` runs) has at most half of climatology's RMSE (climatology is 0 in normalised units).
 
-    One start against a tighter bar is a coin flip; over these four starts (seeds 6 / 7) the shipped
-    prior gives 0.54 / 0.55, the same network without frame mixers 0.73 / 0.74 (it fails), persisting
-    the start 0.48."""
+    Over these four starts (seeds 6 / 7) the shipped prior gives 0.43 / 0.43 and persisting the start
+    0.58 (the prior's anomaly units), so a prior no better than persistence fails."""
     g = torch.Generator().manual_seed(6)
     x = wm.normalise(sample)
     err, clim = [], []
@@ -90,7 +89,7 @@ def test_24h_ensemble_forecast_beats_climatology_by_far(wm: WindModel, sample: t
         err.append(((wm.normalise(ens[:, -1]).mean(0) - x[s0 + 4]) ** 2).mean())
         clim.append((x[s0 + 4] ** 2).mean())
     ratio = float((torch.stack(err).mean() / torch.stack(clim).mean()).sqrt())
-    assert ratio < 0.6, ratio
+    assert ratio < 0.5, ratio
 
 
 def _rmse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:

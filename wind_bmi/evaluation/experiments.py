@@ -540,7 +540,7 @@ def run_evaluation(task: str, data: str | Path, out: str | Path, quick: bool = F
     if task != "all" and existing.exists():
         try:
             old = json.loads(existing.read_text())
-            kept = [r for r in old if r["task"] not in tasks]
+            kept = [r for r in old if r["task"].split("_")[0] not in tasks]  # sparse_5% is sparse's
         except (ValueError, TypeError, KeyError) as exc:
             raise ValueError(f"{existing}: not a wind-bmi metrics file ({exc}); choose another --out") from exc
         kept_notes = [n for n in _report_notes(Path(out) / "report.md") if n.split()[0] not in tasks]
@@ -550,7 +550,10 @@ def run_evaluation(task: str, data: str | Path, out: str | Path, quick: bool = F
         getattr(ev, t)()
         print(f"{t}: done ({time.perf_counter() - t0:.0f} s)", flush=True)
     ev.skill_figure()
-    write_report(kept + merge_records(ev.records), kept_notes + [n for n in ev.notes if n not in kept_notes], ev.out)
+    # a note is replaced by a new one on the same subject (its text before the first ':')
+    subjects = {n.split(":")[0] for n in ev.notes}
+    kept_notes = [n for n in kept_notes if n.split(":")[0] not in subjects]
+    write_report(kept + merge_records(ev.records), kept_notes + ev.notes, ev.out)
     return Path(out) / "metrics.json"
 
 
